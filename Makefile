@@ -1,0 +1,42 @@
+# Two commands: `make run` (set up, export the default tiny model, run it) and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+QUESTION ?= What is shown in this picture?
+
+.PHONY: run venv export demo test test-fast clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and alone: 2.13.0 is the CPU build; anything else pulls CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+export: venv
+	dvc repro
+
+demo: venv
+	$(BIN)/python -m llava_pipeline.run --model_path=outputs/llava.pte \
+	  --tokenizer_path=outputs/tokenizer.bin --image_path=outputs/image.pt \
+	  --prompt="$(QUESTION)" --seq_len=768 --temperature=0
+
+run: export demo
+
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf outputs

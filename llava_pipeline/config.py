@@ -1,0 +1,220 @@
+"""Typed pipeline configuration: the schema, loading, overrides and validation.
+
+`params.yaml` (what DVC tracks) is the composed form of the Hydra groups in
+`conf/`. A stage run by hand reads `params.yaml` and applies command-line
+overrides on top (`python -m stages.quantize quant.group_size=32`).
+Every check here is pure and cheap so it can run before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+QUANT_SCHEMES = ("none", "8da4w")
+EMBEDDING_BITS = (8, "none")
+BUILTIN_SOURCES = ("builtin:tiny",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    # builtin:tiny | a hub repo id ("llava-hf/llava-1.5-7b-hf") | a local HF-format directory
+    source: str = "builtin:tiny"
+    # Hub commit to pin; required for hub sources.
+    revision: str | None = None
+    # Seed of the built-in random-weight model.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # Static KV cache length: prompt + image tokens + generated tokens.
+    max_seq_len: int = 768
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    scheme: str = "8da4w"
+    group_size: int = 32
+    # 8 (int8 per-row token embedding) or "none"
+    embedding_bits: Any = 8
+
+
+@dataclass(frozen=True)
+class EmitConfig:
+    # Sample image turned into outputs/image.pt (relative to the project root or absolute).
+    image: str = "assets/images/coffee.jpg"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    emit: EmitConfig = field(default_factory=EmitConfig)
+
+    def section(self, name: str) -> dict:
+        """The resolved values of one top-level section, for manifests."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(PipelineConfig)}
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "export": ExportConfig,
+    "quant": QuantConfig,
+    "emit": EmitConfig,
+}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> Any:
+    """Coerce/validate one scalar against its dataclass annotation string."""
+    ann = annotation.replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann[: -len("|None")] if optional else ann
+    if value is None:
+        if optional or base == "Any":
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if base == "str":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(data: dict) -> PipelineConfig:
+    """Build a PipelineConfig from a nested dict, rejecting unknown or mistyped keys."""
+    if not isinstance(data, dict):
+        raise ConfigError("configuration: expected a mapping at the top level")
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown section (allowed: {', '.join(_SECTIONS)})"
+        )
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        raw = data.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        bad = sorted(set(raw) - set(fields))
+        if bad:
+            raise ConfigError(
+                f"{name}.{bad[0]}: unknown key (allowed: {', '.join(fields)})"
+            )
+        values = {k: _check_type(f"{name}.{k}", v, str(fields[k].type)) for k, v in raw.items()}
+        sections[name] = cls(**values)
+    return PipelineConfig(**sections)
+
+
+def to_dict(cfg: PipelineConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    """Model-independent checks; raises ConfigError naming the key and allowed values."""
+    q = cfg.quant
+    if q.scheme not in QUANT_SCHEMES:
+        raise ConfigError(
+            f"quant.scheme: unknown scheme {q.scheme!r} (allowed: {', '.join(QUANT_SCHEMES)})"
+        )
+    if q.group_size <= 0:
+        raise ConfigError(f"quant.group_size: must be a positive integer, got {q.group_size}")
+    if q.embedding_bits not in EMBEDDING_BITS:
+        raise ConfigError(
+            f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)"
+        )
+    if cfg.export.max_seq_len < 2:
+        raise ConfigError(f"export.max_seq_len: must be at least 2, got {cfg.export.max_seq_len}")
+    src = cfg.model.source
+    if not src:
+        raise ConfigError("model.source: must not be empty")
+    if src.startswith("builtin:") and src not in BUILTIN_SOURCES:
+        raise ConfigError(
+            f"model.source: unknown built-in model {src!r} (allowed: {', '.join(BUILTIN_SOURCES)}, "
+            "a hub repo id such as llava-hf/llava-1.5-7b-hf, or a local directory)"
+        )
+    if not cfg.emit.image:
+        raise ConfigError("emit.image: must name an image file")
+    return cfg
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_overrides(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    try:
+        return parser.parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise ConfigError(f"malformed override: {e}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str], conf_dir: Path | None = None) -> dict:
+    """Apply Hydra-syntax `key=value` overrides to a nested dict (a copy is returned).
+
+    `group=option` for a config group in `conf_dir` (e.g. `model=llava-1.5-7b`)
+    merges that group's file, as Hydra composition would.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for ov in _parse_overrides(overrides):
+        key = ov.key_or_group
+        if ov.is_delete() or ov.is_add() or ov.is_sweep_override():
+            raise ConfigError(f"{ov.input_line}: only plain key=value overrides are supported")
+        value = ov.value()
+        if "." not in key and conf_dir is not None and (conf_dir / key).is_dir():
+            group_file = conf_dir / key / f"{value}.yaml"
+            if not group_file.is_file():
+                options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+                raise ConfigError(f"{key}: unknown option {value!r} (allowed: {', '.join(options)})")
+            _deep_merge(out, yaml.safe_load(group_file.read_text()) or {})
+            continue
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key in override {ov.input_line!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"{key}: unknown key in override {ov.input_line!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def load(params_file: Path, overrides: list[str] = (), conf_dir: Path | None = None) -> PipelineConfig:
+    """Read params.yaml, apply overrides, type-check and validate."""
+    if not params_file.is_file():
+        raise ConfigError(f"{params_file}: parameters file not found")
+    try:
+        data = yaml.safe_load(params_file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{params_file}: not valid YAML ({e})") from None
+    data = apply_overrides(data, list(overrides), conf_dir)
+    return validate(from_dict(data))

@@ -1,0 +1,203 @@
+"""Export, lowering and serialization of the three runner methods.
+
+The .pte holds what ExecuTorch's MultimodalRunner calls: `vision_encoder`,
+`token_embedding`, `text_decoder`, plus constant methods it reads
+(`get_max_seq_len`, `get_max_context_len`, `get_eos_ids`, ...). Each method is
+exported and lowered on its own with its own partitioner list.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+
+
+def register_ops() -> None:
+    """Register the non-core ops a lowered LLaVA program calls (custom LLM ops, quant ops)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama::update_cache, custom_sdpa
+    import executorch.kernels.quantized  # noqa: F401  quantized_decomposed::embedding_byte
+    import torchao.quantization  # noqa: F401  torchao::choose_qparams_affine, ...
+
+
+def example_inputs(args) -> dict[str, tuple]:
+    """Example inputs per method (shapes only matter; sequence length is dynamic)."""
+    v = args.vision
+    seq = 3
+    return {
+        "vision_encoder": (torch.zeros(1, 3, v.image_size, v.image_size, dtype=torch.uint8),),
+        "token_embedding": (torch.zeros(1, seq, dtype=torch.long),),
+        "text_decoder": (
+            torch.zeros(1, seq, args.text.hidden_size, dtype=torch.float32),
+            torch.tensor([0], dtype=torch.long),
+        ),
+    }
+
+
+def dynamic_shapes(args) -> dict:
+    # The runner feeds whole prompt chunks (up to the cache length) and single tokens.
+    seq = Dim("seq", min=1, max=args.text.max_seq_len)
+    return {
+        "vision_encoder": None,
+        "token_embedding": ({1: seq},),
+        "text_decoder": ({1: seq}, None),
+    }
+
+
+def export_methods(model, args) -> dict[str, ExportedProgram]:
+    """torch.export each method module of a LlavaModel (non-strict, dynamic seq)."""
+    inputs = example_inputs(args)
+    shapes = dynamic_shapes(args)
+    programs = {}
+    with torch.no_grad():
+        for name in METHODS:
+            module = getattr(model, name).eval()
+            programs[name] = torch.export.export(
+                module, inputs[name], dynamic_shapes=shapes[name], strict=False
+            )
+    return programs
+
+
+def partitioners(method: str, quantized: bool) -> list:
+    """XNNPACK partitioner list per method.
+
+    A dynamically quantized decoder needs the dynamic-quant partitioner first
+    (per-op, so each quantized linear becomes its own delegate call with its
+    activation quantization), then the fp32 partitioner for the rest.
+    """
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    if quantized and method == "text_decoder":
+        return [
+            XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True),
+            XnnpackPartitioner(),
+        ]
+    return [XnnpackPartitioner()]
+
+
+def constant_methods(args, bos_id: int, eos_ids: list[int]) -> dict:
+    """Metadata the runner reads from the program (see the runner's constants.h)."""
+    return {
+        "get_max_seq_len": args.text.max_seq_len,
+        "get_max_context_len": args.text.max_seq_len,
+        "get_vocab_size": args.text.vocab_size,
+        "get_bos_id": bos_id,
+        "get_eos_ids": list(eos_ids),
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+    }
+
+
+def _compile_config():
+    from executorch.exir import EdgeCompileConfig
+
+    # The custom LLM ops (update_cache, custom_sdpa) and torchao's quant ops are
+    # not core ATen; IR validity checks would reject them.
+    return EdgeCompileConfig(_check_ir_validity=False)
+
+
+def lower(programs: dict[str, ExportedProgram], quantized: bool, constants: dict):
+    """to_edge_transform_and_lower with a partitioner list per method."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower(
+        programs,
+        partitioner={m: partitioners(m, quantized) for m in programs},
+        constant_methods=constants,
+        compile_config=_compile_config(),
+    )
+
+
+def delegation_summary(edge) -> dict:
+    """Per method: delegate calls and the ops left outside any delegate."""
+    summary = {}
+    for name in edge.methods:
+        gm = edge.exported_program(name).graph_module
+        ops = Counter()
+        delegates = 0
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = str(getattr(node.target, "__name__", node.target))
+            if "executorch_call_delegate" in target:
+                delegates += 1
+            elif target != "getitem":
+                ops[target] += 1
+        summary[name] = {"delegate_calls": delegates, "undelegated_ops": dict(sorted(ops.items()))}
+    return summary
+
+
+# Heavy compute that must never run outside XNNPACK (the portable kernels are slow).
+_MUST_DELEGATE = ("aten.linear", "aten.mm", "aten.addmm", "aten.bmm", "aten.convolution")
+# Activation-quantization ops: outside a delegate they would run unfused per token.
+_DYNAMIC_QUANT_OPS = ("torchao.choose_qparams", "torchao.quantize_affine")
+
+# How the XNNPACK delegates' working memory is shared is a runtime setting of the
+# XNNPACK backend, not part of the program: its workspace sharing mode (option
+# "workspace_sharing_mode": 0 disabled, 1 per model, 2 global). This ExecuTorch
+# build defaults it to global (EXECUTORCH_XNNPACK_SHARED_WORKSPACE=ON in its
+# default CMake preset), and the runner does not override it.
+WORKSPACE_SHARING = {
+    "mode": "global",
+    "set_by": "XNNPACK backend runtime default (EXECUTORCH_XNNPACK_SHARED_WORKSPACE=ON); "
+    "backend option 'workspace_sharing_mode' overrides it per process",
+}
+
+
+def check_delegation(summary: dict, quantized: bool) -> None:
+    """Post-condition of lowering: every method delegated, no heavy op left behind."""
+    for method, info in summary.items():
+        # An embedding lookup has no XNNPACK kernel: token_embedding may stay portable.
+        if info["delegate_calls"] == 0 and method != "token_embedding":
+            raise RuntimeError(f"{method}: nothing was delegated to XNNPACK")
+        heavy = _MUST_DELEGATE + (_DYNAMIC_QUANT_OPS if quantized else ())
+        left = [op for op in info["undelegated_ops"] if op.startswith(heavy)]
+        if left:
+            raise RuntimeError(f"{method}: {left} left outside XNNPACK")
+
+
+def save_edge(edge, out_dir: Path) -> None:
+    """Serialize each lowered edge program (exir serde) for the next stage."""
+    from executorch.exir.serde.serialize import save
+
+    for name in edge.methods:
+        with open(out_dir / f"{name}.pt2", "wb") as f:
+            save(edge.exported_program(name), f)
+
+
+def load_edge(in_dir: Path, constants: dict):
+    """Inverse of save_edge: an EdgeProgramManager ready for to_executorch()."""
+    from executorch.exir import EdgeProgramManager
+    from executorch.exir.serde.serialize import load
+
+    register_ops()  # the deserializer resolves op names only for registered ops
+
+    programs = {}
+    for name in METHODS:
+        with open(in_dir / f"{name}.pt2", "rb") as f:
+            programs[name] = load(f)
+    return EdgeProgramManager(programs, constant_methods=constants, compile_config=_compile_config())
+
+
+def to_executorch_buffer(edge) -> bytes:
+    """Memory planning and serialization; delegate payloads as separate segments."""
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    et = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            # Inputs are owned by the caller (the runner passes its own buffers).
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            # The hint-based pass would cap dynamic inputs at the example length.
+            sym_shape_eval_pass={m: ConstraintBasedSymShapeEvalPass() for m in METHODS},
+        )
+    )
+    return et.buffer

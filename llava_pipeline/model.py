@@ -1,0 +1,470 @@
+"""LLaVA-1.5 (CLIP ViT-L/14-336 + MLP projector + Llama/Vicuna) as three exportable modules.
+
+`LlavaModel` owns the three entry points the ExecuTorch multimodal runner calls:
+
+- `vision_encoder(image uint8 [1, 3, H, W]) -> [1, N_img, D_text]`: normalisation happens in
+  the graph, so the runner only has to hand over raw pixels of the exported size.
+- `token_embedding(ids int64 [1, S]) -> [1, S, D_text]`: a plain `nn.Embedding`, so embedding
+  quantizers that look for `nn.Embedding` find it.
+- `text_decoder(embeds [1, S, D_text], input_pos int64 [1]) -> logits float32 [1, V]` for the
+  last position. It owns a static KV cache; prefill may arrive in chunks at any start position.
+
+Floating tensors are in the model's parameter dtype (float32 unless converted). The KV-cache
+update and the attention kernel are separate modules (`KVCache`, `SDPA`) so that
+`source_transforms` can swap them for ExecuTorch's custom ops without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisionArgs:
+    """CLIP vision tower and feature selection. `num_layers` is the checkpoint's depth; only
+    `num_layers_used` of them are built (LLaVA-1.5 reads layer -2, so the last never runs)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    feature_layer: int = -2
+    select_strategy: str = "default"  # "default": drop the CLS token; "full": keep it
+    image_mean: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
+    image_std: tuple[float, ...] = tuple(OPENAI_CLIP_STD)
+
+    def __post_init__(self):
+        if self.select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy: unsupported {self.select_strategy!r}")
+        if not -self.num_layers - 1 <= self.feature_layer <= self.num_layers:
+            raise ValueError(f"vision_feature_layer: {self.feature_layer} out of range")
+        if self.image_size % self.patch_size:
+            raise ValueError("vision_config.image_size: not a multiple of patch_size")
+        if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
+            raise ValueError("image_mean/image_std: need one value per channel")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_patches + (self.select_strategy == "full")
+
+    @property
+    def num_layers_used(self) -> int:
+        # hidden_states[0] is the embedding output and hidden_states[i] the output of layer i.
+        fl = self.feature_layer
+        return fl if fl >= 0 else self.num_layers + 1 + fl
+
+
+@dataclass(frozen=True)
+class TextArgs:
+    """Llama decoder plus its static KV cache of `max_seq_len` positions."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    bos_token_id: int = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("text_config.num_key_value_heads: must divide num_attention_heads")
+        if self.max_seq_len < 1:
+            raise ValueError("max_seq_len: must be positive")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vision: VisionArgs
+    text: TextArgs
+    image_token_index: int = 32000
+    projector_bias: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists once serialised; `from_dict` accepts either)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
+        def build(klass, sub):
+            return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
+
+        rest = {k: v for k, v in d.items() if k not in ("vision", "text")}
+        return cls(vision=build(VisionArgs, d["vision"]), text=build(TextArgs, d["text"]), **rest)
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def model_args_from_hf_config(
+    cfg: dict,
+    max_seq_len: int,
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
+) -> ModelArgs:
+    """Read a LLaVA `config.json` dict. Keys the file omits take transformers' defaults (the
+    7B config relies on `LlamaConfig`/`CLIPVisionConfig` defaults). Raises ValueError naming
+    the key for anything this model does not implement. `image_mean`/`image_std` come from
+    `preprocessor_config.json`."""
+    from transformers import LlavaConfig  # heavy import; only config parsing needs it
+
+    if cfg.get("model_type") != "llava":
+        raise ValueError(f"model_type: expected 'llava', got {cfg.get('model_type')!r}")
+    for key in ("vision_config", "text_config"):
+        if not isinstance(cfg.get(key), dict):
+            raise ValueError(f"{key}: missing from config")
+    text_type = cfg["text_config"].get("model_type", "llama")
+    if text_type != "llama":
+        raise ValueError(f"text_config.model_type: only 'llama' is supported, got {text_type!r}")
+    vision_type = cfg["vision_config"].get("model_type", "clip_vision_model")
+    if vision_type != "clip_vision_model":
+        raise ValueError(f"vision_config.model_type: only 'clip_vision_model', got {vision_type!r}")
+    if not isinstance(cfg.get("vision_feature_layer", -2), int):
+        raise ValueError("vision_feature_layer: a list of feature layers is not supported")
+    if cfg["text_config"].get("rope_scaling") is not None:
+        raise ValueError("text_config.rope_scaling: rope scaling is not supported")
+
+    hf = LlavaConfig.from_dict(cfg)  # fills in every default transformers would use
+    v, t = hf.vision_config, hf.text_config
+    rope = t.rope_parameters or {}
+    checks = {
+        "text_config.rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
+        "text_config.hidden_act": (t.hidden_act, "silu"),
+        "text_config.attention_bias": (t.attention_bias, False),
+        "text_config.mlp_bias": (t.mlp_bias, False),
+        "vision_config.hidden_act": (v.hidden_act, "quick_gelu"),
+        "projector_hidden_act": (hf.projector_hidden_act, "gelu"),
+        "tie_word_embeddings": (bool(hf.tie_word_embeddings), False),
+    }
+    for key, (got, want) in checks.items():
+        if got != want:
+            raise ValueError(f"{key}: only {want!r} is supported, got {got!r}")
+    if max_seq_len > t.max_position_embeddings:
+        raise ValueError(
+            f"text_config.max_position_embeddings: {t.max_position_embeddings} < max_seq_len {max_seq_len}"
+        )
+    vision = VisionArgs(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_layers=v.num_hidden_layers,
+        num_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=v.num_channels,
+        layer_norm_eps=v.layer_norm_eps,
+        feature_layer=hf.vision_feature_layer,
+        select_strategy=hf.vision_feature_select_strategy,
+        image_mean=tuple(float(x) for x in image_mean),
+        image_std=tuple(float(x) for x in image_std),
+    )
+    text = TextArgs(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_layers=t.num_hidden_layers,
+        num_heads=t.num_attention_heads,
+        num_kv_heads=t.num_key_value_heads,
+        head_dim=t.head_dim,
+        max_seq_len=max_seq_len,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        bos_token_id=t.bos_token_id,
+        eos_token_ids=_eos_ids(t.eos_token_id),
+    )
+    return ModelArgs(vision, text, hf.image_token_index, bool(hf.multimodal_projector_bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision: CLIP ViT up to the feature layer, then the projector
+# ---------------------------------------------------------------------------------------------
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+
+        def heads(t):
+            return t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as CLIP was trained
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, a: VisionArgs):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
+        self.self_attn = VisionAttention(a.hidden_size, a.num_heads)
+        self.layer_norm2 = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
+        self.mlp = VisionMLP(a.hidden_size, a.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Projector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
+        self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class VisionEncoder(nn.Module):
+    """uint8 image [1, C, H, W] (H = W = image_size) -> projected image tokens [1, N_img, D_text]."""
+
+    def __init__(self, a: VisionArgs, text_dim: int, projector_bias: bool = True):
+        super().__init__()
+        self.args = a
+        d = a.hidden_size
+        self.register_buffer("mean", torch.empty(1, a.num_channels, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, a.num_channels, 1, 1), persistent=False)
+        self.patch_embedding = nn.Conv2d(a.num_channels, d, a.patch_size, a.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(d))
+        self.position_embedding = nn.Parameter(torch.zeros(a.num_patches + 1, d))
+        self.pre_norm = nn.LayerNorm(d, eps=a.layer_norm_eps)
+        self.layers = nn.ModuleList(VisionLayer(a) for _ in range(a.num_layers_used))
+        self.projector = Projector(d, text_dim, projector_bias)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Refill the derived buffers (needed after `to_empty`)."""
+        self.mean.copy_(torch.tensor(self.args.image_mean).view_as(self.mean))
+        self.std.copy_(torch.tensor(self.args.image_std).view_as(self.std))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        if image.dtype != torch.uint8 or tuple(image.shape[1:]) != (a.num_channels, a.image_size, a.image_size):
+            raise ValueError(f"expected uint8 [1, {a.num_channels}, {a.image_size}, {a.image_size}], "
+                             f"got {image.dtype} {list(image.shape)}")
+        x = (image.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [1, N, D]
+        cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = self.pre_norm(torch.cat([cls, x], dim=1) + self.position_embedding)
+        for layer in self.layers:
+            x = layer(x)
+        if a.select_strategy == "default":
+            x = x[:, 1:]
+        return self.projector(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: Llama decoder with a static KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # statistics in fp32 like HF, whatever the model dtype
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables [max_seq_len, head_dim] in HF Llama's half-split layout."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        freqs = torch.arange(self.cos.shape[0], dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos.copy_(emb.cos())
+        self.sin.copy_(emb.sin())
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[pos], self.sin[pos]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D], cos/sin [S, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class KVCache(nn.Module):
+    """Static cache, buffers [1, max_seq_len, n_kv_heads, head_dim].
+
+    [B, S, H, D] is the layout of `llama.update_cache`/`llama.custom_sdpa`, so the plain and
+    custom-op pieces can be swapped over the same buffers. `forward(input_pos, k, v)` writes
+    k/v [1, S, H_kv, D] at positions input_pos[0] .. +S-1 and returns the whole caches."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        super().__init__()
+        self.register_buffer("k_cache", k_cache)
+        self.register_buffer("v_cache", v_cache)
+
+    @classmethod
+    def empty(cls, max_seq_len: int, n_kv_heads: int, head_dim: int) -> "KVCache":
+        shape = (1, max_seq_len, n_kv_heads, head_dim)
+        return cls(torch.zeros(shape), torch.zeros(shape))
+
+    def reset_buffers(self) -> None:
+        # Zeroed, not just masked: 0 * NaN from uninitialised memory would still poison SDPA.
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def forward(self, input_pos, k, v):
+        # Tensor indices instead of input_pos.item(): no data-dependent int in the plain graph.
+        idx = input_pos + torch.arange(k.shape[1], device=k.device)
+        self.k_cache.index_copy_(1, idx, k)
+        self.v_cache.index_copy_(1, idx, v)
+        return self.k_cache, self.v_cache
+
+
+class SDPA(nn.Module):
+    """Causal attention of q [1, S, H, D] (positions input_pos[0] + i) over the whole static
+    caches [1, L, H_kv, D]; returns [1, S, H, D]. Slots past the current position are masked."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_rep = n_heads // n_kv_heads
+
+    def forward(self, input_pos, q, k_cache, v_cache):
+        q_pos = input_pos + torch.arange(q.shape[1], device=q.device)
+        mask = torch.arange(k_cache.shape[1], device=q.device)[None, :] <= q_pos[:, None]  # [S, L]
+        k = k_cache.transpose(1, 2).repeat_interleave(self.n_rep, dim=1)  # GQA: head h reads kv h // n_rep
+        v = v_cache.transpose(1, 2).repeat_interleave(self.n_rep, dim=1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+        return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: TextArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.wq = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=False)
+        self.wk = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
+        self.wv = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
+        self.wo = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.kv_cache = KVCache.empty(a.max_seq_len, a.num_kv_heads, a.head_dim)
+        self.sdpa = SDPA(a.num_heads, a.num_kv_heads)
+
+    def forward(self, x, input_pos, cos, sin):
+        b, s, _ = x.shape
+        q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        k_all, v_all = self.kv_cache(input_pos, k, v)
+        y = self.sdpa(input_pos, q, k_all, v_all)
+        return self.wo(y.reshape(b, s, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate_proj
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down_proj
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: TextArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.feed_forward = FeedForward(a.hidden_size, a.intermediate_size)
+
+    def forward(self, x, input_pos, cos, sin):
+        h = x + self.attention(self.attention_norm(x), input_pos, cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class TextDecoder(nn.Module):
+    """(embeds [1, S, D], input_pos int64 [1] = start position of this chunk) -> float32
+    logits [1, V] of the chunk's last position. Requires input_pos[0] + S <= max_seq_len; each
+    call appends to the KV cache, so a chunk sees every earlier chunk written at lower positions."""
+
+    def __init__(self, a: TextArgs):
+        super().__init__()
+        self.rope = Rotary(a.head_dim, a.max_seq_len, a.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.output = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        h = embeds.to(self.norm.weight.dtype)
+        cos, sin = self.rope(input_pos + torch.arange(h.shape[1], device=h.device))
+        for layer in self.layers:
+            h = layer(h, input_pos, cos, sin)
+        # Only the last row: the runner reads nothing else, and lm_head over S rows is costly.
+        return self.output(self.norm(h[:, -1, :])).float()
+
+
+class LlavaModel(nn.Module):
+    """Owns the three runner entry points as submodules (export each one separately)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vision_encoder = VisionEncoder(args.vision, args.text.hidden_size, args.projector_bias)
+        self.token_embedding = nn.Embedding(args.text.vocab_size, args.text.hidden_size)
+        self.text_decoder = TextDecoder(args.text)
+
+    def reset_buffers(self) -> None:
+        """Recompute every non-learned buffer and zero the KV caches: the step that makes a
+        model built on the meta device and `to_empty`-ed usable."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_buffers"):
+                m.reset_buffers()

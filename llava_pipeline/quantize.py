@@ -1,0 +1,91 @@
+"""Quantization of the text side: 8da4w decoder linears, 8-bit token embedding.
+
+`8da4w`: int8 dynamic (per-token) activations with int4 weights in groups of
+`group_size` along in_features (torchao's Int8DynamicActivationIntxWeightConfig),
+applied to every linear of the text decoder, lm_head included; the vision tower
+and projector stay fp32 as in ExecuTorch's LLaVA example.
+Embedding: int8 per-row weights (ExecuTorch's EmbeddingQuantHandler, which
+lowers to `quantized_decomposed::embedding_byte`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ConfigError, QuantConfig
+
+
+def decoder_linears(model) -> dict[str, nn.Linear]:
+    """Linears of the text decoder (lm_head included), by qualified name."""
+    return {
+        f"text_decoder.{name}": m
+        for name, m in model.text_decoder.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def check_group_size(in_features: dict[str, int], quant: QuantConfig) -> None:
+    """Reject a group size that does not divide some layer's in_features, naming it."""
+    if quant.scheme == "none":
+        return
+    for name, n in in_features.items():
+        if n % quant.group_size:
+            raise ConfigError(
+                f"quant.group_size={quant.group_size} does not divide in_features={n} "
+                f"of layer {name}; pick a divisor of every decoder layer's in_features"
+            )
+
+
+@torch.no_grad()
+def quantize_model(model, quant: QuantConfig):
+    """Quantize `model` in place per `quant`; returns it."""
+    check_group_size({k: m.in_features for k, m in decoder_linears(model).items()}, quant)
+    if quant.scheme == "8da4w":
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+
+        quantize_(
+            model.text_decoder,
+            Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4,
+                weight_granularity=PerGroup(quant.group_size),
+                intx_choose_qparams_algorithm="hqq_scale_only",
+            ),
+            filter_fn=lambda m, fqn: isinstance(m, nn.Linear),
+        )
+    if quant.embedding_bits == 8:
+        from executorch.examples.models.llama.source_transformation.quantize import (
+            EmbeddingQuantHandler,
+        )
+
+        holder = _EmbeddingHolder(model)
+        EmbeddingQuantHandler(holder, bitwidth=8, group_size=None, packed=False).quantized_model()
+        model.token_embedding = holder.token_embedding
+    return model
+
+
+def prepare_quantized_structure(model, quant: QuantConfig):
+    """Make a fresh float model able to take a saved quantized state dict.
+
+    torchao's quantized weights are tensor subclasses stored in the state dict
+    itself, so assigning them restores the linears; the int8 embedding needs
+    its module structure first.
+    """
+    if quant.embedding_bits == 8:
+        from executorch.examples.models.llama.source_transformation.quantize import (
+            replace_embedding_weight_only_grouped_int8_per_channel,
+        )
+
+        holder = _EmbeddingHolder(model)
+        replace_embedding_weight_only_grouped_int8_per_channel(holder, "cpu", 8, None, False)
+        model.token_embedding = holder.token_embedding
+    return model
+
+
+class _EmbeddingHolder(nn.Module):
+    """ExecuTorch's embedding handlers walk children; give them the embedding as a child."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.token_embedding = model.token_embedding

@@ -1,0 +1,183 @@
+"""What every stage shares: config loading, atomic outputs, manifests, metrics.
+
+A stage writes into a private `outputs/.<stage>.partial/` folder and only a
+finished folder, manifest included, is moved to `outputs/<stage>/`. A stage
+killed midway therefore leaves no folder that DVC or a later stage would take
+as done. Manifests are deterministic (relative paths, no timestamps); wall time
+and peak RSS go to `outputs/metrics/<stage>.json`, which DVC tracks as a metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from . import config as config_mod
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = Path("outputs")
+PACKAGES = (
+    "torch",
+    "executorch",
+    "torchao",
+    "transformers",
+    "safetensors",
+    "sentencepiece",
+    "pytorch-tokenizers",
+    "pillow",
+)
+
+
+class PipelineError(RuntimeError):
+    """An expected failure (bad input, missing upstream output): reported in one line."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (or of `path` itself), keyed by relative POSIX path."""
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    return {
+        p.relative_to(path).as_posix(): sha256_file(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing (run the upstream stage first: dvc repro)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: not valid JSON ({e})") from None
+
+
+def upstream(stage: str, outputs: Path = OUTPUTS) -> Path:
+    """The finished output folder of an upstream stage; error if it is not there."""
+    folder = outputs / stage
+    if not (folder / "manifest.json").is_file():
+        raise PipelineError(
+            f"{folder}: no finished output of stage '{stage}' (run `dvc repro {stage}` first)"
+        )
+    return folder
+
+
+@dataclass
+class StageContext:
+    """Handed to a stage body: where to write, and what it read."""
+
+    name: str
+    cfg: config_mod.PipelineConfig
+    out: Path  # the private folder to write into
+    outputs: Path
+    inputs: dict[str, Path] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # stage-specific manifest fields
+
+    def read(self, label: str, path: Path) -> Path:
+        """Record `path` as an input of this stage (hashed into the manifest)."""
+        if not path.exists():
+            raise PipelineError(f"{path}: input '{label}' not found")
+        self.inputs[label] = path
+        return path
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids) / 1024, 1)
+
+
+def _input_hashes(inputs: dict[str, Path]) -> dict:
+    out = {}
+    for label, path in sorted(inputs.items()):
+        tree = hash_tree(path)
+        out[label] = tree[path.name] if path.is_file() else tree
+    return out
+
+
+def finish(ctx: StageContext, sections: tuple[str, ...], final: Path) -> None:
+    """Write the manifest into the private folder and move it into place."""
+    manifest = {
+        "stage": ctx.name,
+        "config": {s: ctx.cfg.section(s) for s in sections},
+        "inputs": _input_hashes(ctx.inputs),
+        "outputs": hash_tree(ctx.out),
+        "packages": package_versions(),
+        **ctx.extra,
+    }
+    write_json(ctx.out / "manifest.json", manifest)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(ctx.out, final)
+
+
+def run(
+    name: str,
+    body: Callable[[StageContext], None],
+    sections: tuple[str, ...],
+    argv: list[str] | None = None,
+    outputs: Path = OUTPUTS,
+    publish: Callable[[StageContext, Path], None] | None = None,
+) -> int:
+    """Run a stage body with config from params.yaml + argv overrides.
+
+    `sections` are the config sections the stage reads (recorded in its manifest).
+    `publish`, if given, is called after the folder is in place (emit uses it to
+    move user-facing files to fixed paths).
+    Returns a process exit code; expected errors print one line, no traceback.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    t0 = time.perf_counter()
+    try:
+        cfg = config_mod.load(Path("params.yaml"), argv, conf_dir=Path("conf"))
+        final = outputs / name
+        tmp = outputs / f".{name}.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        ctx = StageContext(name=name, cfg=cfg, out=tmp, outputs=outputs)
+        body(ctx)
+        finish(ctx, sections, final)
+        if publish is not None:
+            publish(ctx, final)
+    except (config_mod.ConfigError, PipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics_dir = outputs / "metrics"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        metrics_dir / f"{name}.json",
+        {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": _peak_rss_mb()},
+    )
+    return 0

@@ -1,0 +1,30 @@
+"""Stage 1: put an HF-format LLaVA checkpoint in outputs/download/."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from llava_pipeline import download, stage
+
+
+def body(ctx: stage.StageContext) -> None:
+    m = ctx.cfg.model
+    kind = download.source_kind(m.source)
+    if kind == "builtin":
+        ctx.read("tokenizer_model", download.TINY_TOKENIZER_MODEL)
+        download.write_builtin_tiny(ctx.out, seed=m.seed)
+    elif kind == "local":
+        download.copy_local(Path(m.source), ctx.out)
+    else:
+        download.download_hub(m.source, m.revision, ctx.out)
+    download.check_checkpoint(ctx.out)
+    ctx.extra["source_kind"] = kind
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.run("download", body, sections=("model",), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

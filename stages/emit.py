@@ -1,0 +1,50 @@
+"""Stage 6: the user-facing artifacts at fixed paths.
+
+outputs/llava.pte      the program (from to_executorch)
+outputs/tokenizer.bin  llama2c tokenizer covering the model's whole vocabulary
+outputs/image.pt       uint8 CHW sample image at the model's input size
+outputs/emit/manifest.json
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from llava_pipeline import checkpoint_files, image, stage, tokenizer
+
+ARTIFACTS = ("llava.pte", "tokenizer.bin", "image.pt")
+
+
+def body(ctx: stage.StageContext) -> None:
+    pte = ctx.read("program", stage.upstream("to_executorch", ctx.outputs) / "model.pte")
+    ckpt = ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
+    picture = ctx.read("image", Path(ctx.cfg.emit.image))
+
+    shutil.copyfile(pte, ctx.out / "llava.pte")
+    vocab = checkpoint_files.tokenizer_spec(ckpt)
+    tokenizer.write_tokenizer_bin(
+        ckpt / "tokenizer.model", ctx.out / "tokenizer.bin", vocab.vocab_size, vocab.added_tokens
+    )
+    pixels = image.preprocess_with_config(
+        image.load_image(picture), checkpoint_files.preprocessor_config(ckpt)
+    )
+    image.save_image_pt(pixels, ctx.out / "image.pt")
+    ctx.extra["image_shape"] = list(pixels.shape)
+    ctx.extra["vocab_size"] = vocab.vocab_size
+
+
+def publish(ctx: stage.StageContext, folder: Path) -> None:
+    # Each artifact is complete in outputs/emit/ before it is renamed into place.
+    for name in ARTIFACTS:
+        os.replace(folder / name, ctx.outputs / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.run("emit", body, sections=("emit",), argv=argv, publish=publish)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Stage 4: export the three methods and lower each to XNNPACK with its own partitioners."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from llava_pipeline import export, model_io, stage
+
+
+def body(ctx: stage.StageContext) -> None:
+    qdir = ctx.read("quantized_model", stage.upstream("quantize", ctx.outputs))
+    model, args, quant = model_io.load_quantized(qdir)
+    programs = export.export_methods(model, args)
+    del model
+    constants = model_io.constant_methods(args)
+    edge = export.lower(programs, quantized=quant.scheme != "none", constants=constants)
+    summary = export.delegation_summary(edge)
+    export.check_delegation(summary, quantized=quant.scheme != "none")
+    export.save_edge(edge, ctx.out)
+    stage.write_json(ctx.out / "constant_methods.json", constants)
+    ctx.extra["quant"] = dataclasses.asdict(quant)
+    ctx.extra["delegation"] = summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.run("partition", body, sections=(), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Stage 3: 8da4w decoder linears and 8-bit token embedding (quant.*)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from llava_pipeline import model_io, quantize, stage
+
+
+def body(ctx: stage.StageContext) -> None:
+    src = ctx.read("model", stage.upstream("source_transform", ctx.outputs))
+    args = model_io.load_args(src)
+    # Cheap check before loading any weights: the group size must divide every decoder linear.
+    quantize.check_group_size(model_io.decoder_in_features(args), ctx.cfg.quant)
+    model = model_io.load_transformed(src)
+    quantize.quantize_model(model, ctx.cfg.quant)
+    torch.save(model.state_dict(), ctx.out / "model.pt")
+    model_io.write_args(args, ctx.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.run("quantize", body, sections=("quant",), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

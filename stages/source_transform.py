@@ -1,0 +1,23 @@
+"""Stage 2: this project's LLaVA model from the checkpoint, with a static KV
+cache sized by export.max_seq_len and ExecuTorch's custom SDPA / cache ops."""
+
+from __future__ import annotations
+
+import sys
+
+from llava_pipeline import model_io, stage
+
+
+def body(ctx: stage.StageContext) -> None:
+    ckpt = ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
+    model, args = model_io.transform_checkpoint(ckpt, ctx.cfg.export.max_seq_len)
+    model_io.save_transformed(model, args, ctx.out)
+    ctx.extra["source_transforms"] = list(model_io.SOURCE_TRANSFORMS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.run("source_transform", body, sections=("export",), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

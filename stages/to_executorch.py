@@ -1,0 +1,24 @@
+"""Stage 5: memory planning and serialization to a .pte with the runner's constant methods."""
+
+from __future__ import annotations
+
+import sys
+
+from llava_pipeline import export, stage
+
+
+def body(ctx: stage.StageContext) -> None:
+    pdir = ctx.read("edge_programs", stage.upstream("partition", ctx.outputs))
+    constants = stage.read_json(pdir / "constant_methods.json")
+    edge = export.load_edge(pdir, constants)
+    (ctx.out / "model.pte").write_bytes(export.to_executorch_buffer(edge))
+    ctx.extra["constant_methods"] = constants
+    ctx.extra["xnnpack_workspace_sharing"] = export.WORKSPACE_SHARING
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.run("to_executorch", body, sections=(), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Configuration: params.yaml vs conf/, schema, overrides and validation messages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_pipeline import config, params
+from llava_pipeline.quantize import check_group_size
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def test_params_yaml_is_what_conf_composes_to():
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == params.compose(CONF)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_preset_composes_and_validates(preset):
+    data = params.compose(CONF, [f"model={preset}"])
+    cfg = config.validate(config.from_dict(data))
+    assert cfg.model.name == preset
+
+
+def test_presets_set_their_group_size():
+    assert params.compose(CONF, ["model=tiny"])["quant"]["group_size"] == 32
+    big = params.compose(CONF, ["model=llava-1.5-7b"])
+    assert big["quant"]["group_size"] == 128
+    assert big["model"]["source"] == "llava-hf/llava-1.5-7b-hf"
+    assert big["model"]["revision"]
+
+
+def _base() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_override_on_top_of_params_types_values():
+    data = config.apply_overrides(_base(), ["quant.group_size=64", "quant.scheme=none"])
+    cfg = config.validate(config.from_dict(data))
+    assert cfg.quant.group_size == 64 and cfg.quant.scheme == "none"
+    assert cfg.model.source == "builtin:tiny"
+
+
+def test_group_override_merges_preset():
+    data = config.apply_overrides(_base(), ["model=llava-1.5-7b"], conf_dir=CONF)
+    assert data["model"]["name"] == "llava-1.5-7b" and data["quant"]["group_size"] == 128
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("quant.groupsize=32", "quant.groupsize"),
+        ("nosuch.key=1", "nosuch"),
+        ("quant.group_size=[1", "malformed override"),
+        ("model=nosuch", "model: unknown option 'nosuch'"),
+    ],
+)
+def test_bad_override_names_the_key(override, needle):
+    with pytest.raises(config.ConfigError, match=None) as e:
+        config.validate(config.from_dict(config.apply_overrides(_base(), [override], CONF)))
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("quant.scheme=int3", "quant.scheme: unknown scheme 'int3' (allowed: none, 8da4w)"),
+        ("quant.group_size=0", "quant.group_size"),
+        ("quant.group_size=abc", "quant.group_size: expected an integer"),
+        ("quant.embedding_bits=4", "quant.embedding_bits"),
+        ("model.source=builtin:huge", "model.source: unknown built-in model"),
+        ("export.max_seq_len=1", "export.max_seq_len"),
+    ],
+)
+def test_invalid_values_are_rejected_with_allowed_values(override, needle):
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(config.from_dict(config.apply_overrides(_base(), [override])))
+    assert needle in str(e.value)
+
+
+def test_embedding_bits_accepts_none():
+    cfg = config.validate(config.from_dict(config.apply_overrides(_base(), ["quant.embedding_bits=none"])))
+    assert cfg.quant.embedding_bits == "none"
+
+
+def test_group_size_not_dividing_a_layer_names_the_layer():
+    q = config.QuantConfig(scheme="8da4w", group_size=48, embedding_bits=8)
+    with pytest.raises(config.ConfigError) as e:
+        check_group_size({"text_decoder.layers.0.mlp.down_proj": 96, "text_decoder.lm_head": 64}, q)
+    assert "text_decoder.lm_head" in str(e.value) and "48" in str(e.value)
+    # No check without quantization.
+    check_group_size({"x": 7}, config.QuantConfig(scheme="none", group_size=48))
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="params.yaml: parameters file not found"):
+        config.load(tmp_path / "params.yaml")
