@@ -53,6 +53,12 @@ def export_methods(model, args) -> dict[str, ExportedProgram]:
     inputs = example_inputs(args)
     shapes = dynamic_shapes(args)
     programs = {}
+    # Export reasons as if the dynamic length were >= 2 and records a runtime
+    # assert `start_pos <= max_seq_len - 2` in the ExportedProgram. The .pte does
+    # not carry such asserts (ExecuTorch drops _assert_scalar), so a decode step
+    # into the cache's last slot works there (tests/test_e2e.py checks it).
+    # Size-oblivious export would avoid the assert but trips on torchao's
+    # seq == 1 branch in dynamic activation quantization.
     with torch.no_grad():
         for name in METHODS:
             module = getattr(model, name).eval()

@@ -151,7 +151,13 @@ def model_args_from_hf_config(
     if cfg["text_config"].get("rope_scaling") is not None:
         raise ValueError("text_config.rope_scaling: rope scaling is not supported")
 
-    hf = LlavaConfig.from_dict(cfg)  # fills in every default transformers would use
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy: unsupported {strategy!r}")
+    try:
+        hf = LlavaConfig.from_dict(cfg)  # fills in every default transformers would use
+    except Exception as e:  # transformers' strict validation errors name the field
+        raise ValueError(f"config.json rejected by transformers: {e}") from e
     v, t = hf.vision_config, hf.text_config
     rope = t.rope_parameters or {}
     checks = {

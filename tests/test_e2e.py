@@ -21,13 +21,17 @@ pytestmark = pytest.mark.slow
 
 QUESTION = "What is shown in this picture?"
 NEW_TOKENS = 40
-# 8da4w vs fp32 top-1 agreement floor along the quantized model's own greedy path.
-# Measured on the tiny default: see test_8da4w_top1_agreement. int8 dynamic
-# activations + int4 weights perturb logits by ~0.05-0.15 on this model, so a
-# token flips only where fp32's top-2 margin is below that; the floor leaves
-# room for a few such flips, and fails on a broken export (random agreement is
-# ~1/32064).
-AGREEMENT_FLOOR = 0.75
+# Top-1 agreement floors along the 8da4w .pte's own greedy path (40 steps).
+# vs fp32: measured 0.675-0.775 on the tiny default over 4 photographs. The tiny
+# model is random with hidden size 64 and logits of std ~9, so int4 weights in
+# groups of 32 move logits by O(1) and flip tokens whose fp32 top-2 margin is
+# below ~3 (median margin 1.3). Chance agreement is 1/32064; a broken export
+# (wrong cache position, wrong image, wrong weights) scores near 0.
+FP32_AGREEMENT_FLOOR = 0.5
+# vs the eager torchao-quantized model it was exported from: measured 0.95-1.0;
+# only activation-rounding differences between XNNPACK and torchao's reference
+# kernels remain, which flip near-ties only.
+EAGER_QUANT_AGREEMENT_FLOOR = 0.9
 
 
 def _hf(outputs):
@@ -82,7 +86,24 @@ def test_fp32_runner_equals_transformers_generate(export_fp32):
     gen = _run(export_fp32, [token_input(before), image_input(pixels), token_input(after)])
     assert gen.pieces == _pieces(export_fp32 / "tokenizer.bin", hf_new)
     assert len(gen.pieces) == NEW_TOKENS >= 32
-    assert gen.stats["num_prompt_tokens"] == len(prompt_ids)
+    assert gen.stats["prompt_tokens"] == len(prompt_ids)
+
+
+def test_fp32_runner_fills_the_context_like_transformers(export_fp32):
+    """Generating until the static cache is full: every position up to max_seq_len - 1
+    (the cache's last slot included) is written and read like HF's dynamic cache."""
+    model, processor = _hf(export_fp32)
+    inputs = _hf_inputs(processor, export_fp32.parent)
+    prompt_ids = inputs["input_ids"][0].tolist()
+    room = 768 - len(prompt_ids)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=room, do_sample=False)
+    hf_new = out[0, len(prompt_ids):].tolist()
+    assert len(hf_new) == room
+    pixels = torch.load(export_fp32 / "image.pt")
+    before, after = _split_at_image(prompt_ids, model.config.image_token_id)
+    gen = _run(export_fp32, [token_input(before), image_input(pixels), token_input(after)], n=-1)
+    assert gen.pieces == _pieces(export_fp32 / "tokenizer.bin", hf_new)
 
 
 def test_fp32_runner_text_prompt_equals_hf_ids(export_fp32):
@@ -99,7 +120,7 @@ def test_fp32_runner_text_prompt_equals_hf_ids(export_fp32):
     )
     by_ids = _run(export_fp32, [token_input(before), image_input(pixels), token_input(after)], n=8)
     assert by_text.pieces == by_ids.pieces
-    assert by_text.stats["num_prompt_tokens"] == len(prompt_ids)
+    assert by_text.stats["prompt_tokens"] == len(prompt_ids)
 
 
 def test_8da4w_top1_agreement(export_8da4w, export_fp32, record_property):
@@ -131,7 +152,32 @@ def test_8da4w_top1_agreement(export_8da4w, export_fp32, record_property):
             input_ids=seq, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(seq)
         ).logits[0]
     fp_top1 = logits[len(prompt_ids) - 1 : -1].argmax(-1).tolist()
+    eager_top1 = _eager_top1(export_8da4w / "quantize", pixels, before, after, q_ids)
     agree = sum(a == b for a, b in zip(fp_top1, q_ids)) / len(q_ids)
-    record_property("top1_agreement_8da4w", agree)
-    print(json.dumps({"top1_agreement_8da4w": agree, "steps": len(q_ids)}))
-    assert agree >= AGREEMENT_FLOOR
+    agree_eager = sum(a == b for a, b in zip(eager_top1, q_ids)) / len(q_ids)
+    record_property("top1_agreement_8da4w_vs_fp32", agree)
+    record_property("top1_agreement_8da4w_vs_eager_8da4w", agree_eager)
+    print(json.dumps({"vs_fp32": agree, "vs_eager_8da4w": agree_eager, "steps": len(q_ids)}))
+    assert agree_eager >= EAGER_QUANT_AGREEMENT_FLOOR
+    assert agree >= FP32_AGREEMENT_FLOOR
+
+
+def _eager_top1(quant_dir, pixels, before, after, new_ids) -> list[int]:
+    """Teacher-forced argmax of the eager quantized model (this project's definition)."""
+    from llava_pipeline import model_io
+
+    model, _, _ = model_io.load_quantized(quant_dir)
+    with torch.no_grad():
+        decoder, embed = model.text_decoder, model.token_embedding
+        image = model.vision_encoder(pixels[None])
+        decoder(embed(torch.tensor([before])), torch.tensor([0]))
+        decoder(image, torch.tensor([len(before)]))
+        pos = len(before) + image.shape[1]
+        logits = decoder(embed(torch.tensor([after])), torch.tensor([pos]))
+        out = [int(logits.argmax(-1))]
+        pos += len(after)
+        for tok in new_ids[:-1]:
+            logits = decoder(embed(torch.tensor([[tok]])), torch.tensor([pos]))
+            out.append(int(logits.argmax(-1)))
+            pos += 1
+    return out
