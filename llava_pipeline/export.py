@@ -169,12 +169,48 @@ def check_delegation(summary: dict, quantized: bool) -> None:
 
 
 def save_edge(edge, out_dir: Path) -> None:
-    """Serialize each lowered edge program (exir serde) for the next stage."""
+    """Serialize each lowered edge program (exir serde) for the next stage.
+
+    Two things would make identical programs serialize to different bytes: node
+    provenance metadata (`from_node` records the Python id() of each graph it came
+    through) and the zip entries' timestamps. Both are neutralized, so the same
+    inputs give the same bytes and DVC's downstream caching holds.
+    """
+    import io
+
     from executorch.exir.serde.serialize import save
 
     for name in edge.methods:
-        with open(out_dir / f"{name}.pt2", "wb") as f:
-            save(edge.exported_program(name), f)
+        program = edge.exported_program(name)
+        _strip_provenance(program)
+        buf = io.BytesIO()
+        save(program, buf)
+        (out_dir / f"{name}.pt2").write_bytes(_zip_without_timestamps(buf.getvalue()))
+
+
+def _strip_provenance(program: ExportedProgram) -> None:
+    """Drop `from_node` metadata, also in the original programs kept by delegates."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop("from_node", None)
+        original = getattr(module, "original_module", None)
+        if isinstance(original, ExportedProgram):
+            _strip_provenance(original)
+
+
+def _zip_without_timestamps(data: bytes) -> bytes:
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.external_attr = info.external_attr
+            fixed.compress_type = info.compress_type
+            dst.writestr(fixed, src.read(info.filename))
+    return out.getvalue()
 
 
 def load_edge(in_dir: Path, constants: dict):
