@@ -171,10 +171,11 @@ def check_delegation(summary: dict, quantized: bool) -> None:
 def save_edge(edge, out_dir: Path) -> None:
     """Serialize each lowered edge program (exir serde) for the next stage.
 
-    Two things would make identical programs serialize to different bytes: node
-    provenance metadata (`from_node` records the Python id() of each graph it came
-    through) and the zip entries' timestamps. Both are neutralized, so the same
-    inputs give the same bytes and DVC's downstream caching holds.
+    Three things would make identical programs serialize to different bytes: node
+    metadata that records where it came from (`from_node` holds the Python id() of
+    each graph it passed through, `stack_trace` absolute source paths) and the zip
+    entries' timestamps. All are neutralized, so the same inputs give the same
+    bytes in any checkout and DVC's downstream caching holds.
     """
     import io
 
@@ -182,21 +183,26 @@ def save_edge(edge, out_dir: Path) -> None:
 
     for name in edge.methods:
         program = edge.exported_program(name)
-        _strip_provenance(program)
+        _strip_unstable_metadata(program)
         buf = io.BytesIO()
         save(program, buf)
         (out_dir / f"{name}.pt2").write_bytes(_zip_without_timestamps(buf.getvalue()))
 
 
-def _strip_provenance(program: ExportedProgram) -> None:
-    """Drop `from_node` metadata, also in the original programs kept by delegates."""
+_UNSTABLE_META = ("from_node", "stack_trace")
+
+
+def _strip_unstable_metadata(program: ExportedProgram) -> None:
+    """Drop debug metadata that varies run to run or checkout to checkout, also in
+    the original programs that delegates keep."""
     for module in program.graph_module.modules():
         if isinstance(module, torch.fx.GraphModule):
             for node in module.graph.nodes:
-                node.meta.pop("from_node", None)
+                for key in _UNSTABLE_META:
+                    node.meta.pop(key, None)
         original = getattr(module, "original_module", None)
         if isinstance(original, ExportedProgram):
-            _strip_provenance(original)
+            _strip_unstable_metadata(original)
 
 
 def _zip_without_timestamps(data: bytes) -> bytes:

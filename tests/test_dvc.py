@@ -1,0 +1,72 @@
+"""The DAG as users drive it: dvc repro, caching, and what a parameter change re-runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, STAGES
+
+pytestmark = pytest.mark.slow
+
+
+def _sh(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _ran(log: str) -> set[str]:
+    """Stages DVC executed (or restored from its run cache) in a repro/exp run log."""
+    return set(re.findall(r"Running stage '(\w+)'", log)) | set(
+        re.findall(r"Stage '(\w+)' is cached - skipping run", log)
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """This checkout's files (tracked and new, not ignored) in a fresh git repo."""
+    dst = tmp_path_factory.mktemp("project")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"]):
+        _sh(cmd, dst)
+    return dst
+
+
+def test_repro_runs_every_stage_then_nothing(project):
+    log = _sh(["dvc", "repro"], project)
+    assert _ran(log) == set(STAGES)
+    for name in ("llava.pte", "tokenizer.bin", "image.pt"):
+        assert (project / "outputs" / name).stat().st_size > 0
+    assert "up to date" in _sh(["dvc", "status"], project)
+    again = _sh(["dvc", "repro"], project)
+    assert _ran(again) == set()
+    # The committed dvc.lock is what the pipeline produces: same inputs, same bytes.
+    assert _sh(["git", "status", "--porcelain"], project).strip() == ""
+
+
+def test_group_size_change_reruns_from_quantize(project):
+    log = _sh(["dvc", "exp", "run", "-S", "quant.group_size=64"], project)
+    assert _ran(log) == {"quantize", "partition", "to_executorch", "emit"}
+    assert "group_size: 64" in (project / "params.yaml").read_text()
+
+
+def test_max_seq_len_change_reruns_from_source_transform(project):
+    log = _sh(["dvc", "exp", "run", "-S", "export.max_seq_len=700"], project)
+    ran = _ran(log)
+    assert "download" not in ran
+    assert {"source_transform", "partition", "to_executorch", "emit"} <= ran
