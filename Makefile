@@ -7,6 +7,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+# Library deprecation chatter (torch, executorch, torchao) drowns the stage logs.
+export PYTHONWARNINGS := ignore
 
 QUESTION ?= What is shown in this picture?
 

@@ -9,6 +9,8 @@ Every check here is pure and cheap so it can run before any heavy work.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,9 +150,27 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
             f"model.source: unknown built-in model {src!r} (allowed: {', '.join(BUILTIN_SOURCES)}, "
             "a hub repo id such as llava-hf/llava-1.5-7b-hf, or a local directory)"
         )
+    if source_kind(src) == "hub":
+        rev = cfg.model.revision or ""
+        if not _COMMIT.fullmatch(rev):
+            raise ConfigError(
+                f"model.revision: a hub source ({src}) must be pinned to a 40-hex-digit commit, got {rev or None!r}"
+            )
     if not cfg.emit.image:
         raise ConfigError("emit.image: must name an image file")
     return cfg
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def source_kind(source: str) -> str:
+    """'builtin', 'hub' (`org/name` that is not a path on disk) or 'local'."""
+    if source.startswith("builtin:"):
+        return "builtin"
+    if not source.startswith(("/", ".", "~")) and source.count("/") == 1 and not os.path.exists(source):
+        return "hub"
+    return "local"
 
 
 # --------------------------------------------------------------------------- overrides
@@ -164,7 +184,8 @@ def _parse_overrides(overrides: list[str]):
     try:
         return parser.parse_overrides(overrides)
     except OverrideParseException as e:
-        raise ConfigError(f"malformed override: {e}") from None
+        first = str(e).strip().splitlines()[0]  # Hydra appends a multi-line grammar hint
+        raise ConfigError(f"malformed override {overrides}: {first}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str], conf_dir: Path | None = None) -> dict:

@@ -35,15 +35,6 @@ REQUIRED = ("config.json", "tokenizer.model", "preprocessor_config.json")
 TINY_TOKENIZER_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "llama2.model"
 
 
-def source_kind(source: str) -> str:
-    """'builtin', 'local' or 'hub' for a `model.source` value."""
-    if source.startswith("builtin:"):
-        return "builtin"
-    if os.path.isdir(source) or source.startswith(("/", "./", "../")):
-        return "local"
-    return "hub"
-
-
 def check_checkpoint(folder: Path) -> dict:
     """Validate an HF-format LLaVA folder; returns its config.json as a dict."""
     for name in REQUIRED:

@@ -110,11 +110,13 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"--prompt: {e}") from None
 
-    runner = Runner(args.model_path, args.tokenizer_path)
     inputs = [text_input(segments.before_image), image_input(pixels), text_input(segments.after_image)]
     t0 = time.perf_counter()
+    # The native runner logs its tokenizer probing and metadata, and prints every
+    # token itself: keep that off the terminal, stream through our callback instead.
     with native_output_captured() as native:
         try:
+            runner = Runner(args.model_path, args.tokenizer_path)
             gen = runner.generate(
                 inputs,
                 max_new_tokens=-1,

@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 from llava_pipeline import download, stage
+from llava_pipeline.config import source_kind
 
 
 def body(ctx: stage.StageContext) -> None:
     m = ctx.cfg.model
-    kind = download.source_kind(m.source)
+    kind = source_kind(m.source)
     if kind == "builtin":
         ctx.read("tokenizer_model", download.TINY_TOKENIZER_MODEL)
         download.write_builtin_tiny(ctx.out, seed=m.seed)
