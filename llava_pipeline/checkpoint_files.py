@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+from . import stage
 from .stage import PipelineError
 
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing from the checkpoint")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e})") from None
+read_json = partial(stage.read_json, missing="missing from the checkpoint")
 
 
 @dataclass(frozen=True)

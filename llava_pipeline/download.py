@@ -7,11 +7,11 @@ path touches the network, and it honours HF_HUB_OFFLINE and the local HF cache.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
+from .checkpoint_files import read_json
 from .stage import PipelineError
 
 # Files a LLaVA-1.5 checkpoint folder is made of (weights may be sharded).
@@ -41,10 +41,7 @@ def check_checkpoint(folder: Path) -> dict:
         if not (folder / name).is_file():
             raise PipelineError(f"{folder / name}: missing from the checkpoint")
     cfg_path = folder / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path)
     if cfg.get("model_type") != "llava":
         raise PipelineError(
             f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'llava' "

@@ -73,9 +73,10 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, missing: str = "missing (run the upstream stage first: dvc repro)") -> dict:
+    """A JSON file's content; PipelineError naming the file if absent or malformed."""
     if not path.is_file():
-        raise PipelineError(f"{path}: missing (run the upstream stage first: dvc repro)")
+        raise PipelineError(f"{path}: {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

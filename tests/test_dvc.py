@@ -56,7 +56,23 @@ def test_repro_runs_every_stage_then_nothing(project):
     again = _sh(["dvc", "repro"], project)
     assert _ran(again) == set()
     # The committed dvc.lock is what the pipeline produces: same inputs, same bytes.
-    assert _sh(["git", "status", "--porcelain"], project).strip() == ""
+    changed = _sh(["git", "status", "--porcelain"], project).strip()
+    assert changed == "", f"{changed}: stale or non-reproducible (after a code change: dvc repro, commit dvc.lock)"
+
+
+def test_push_then_pull_into_another_clone_reruns_nothing(project, tmp_path):
+    remote = tmp_path / "remote"
+    _sh(["dvc", "remote", "add", "-d", "team", str(remote)], project)
+    _sh(["dvc", "push"], project)
+    clone = tmp_path / "clone"
+    _sh(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    _sh(["dvc", "remote", "add", "-d", "team", str(remote)], clone)
+    _sh(["dvc", "pull"], clone)
+    for name in ("llava.pte", "tokenizer.bin", "image.pt", "emit/manifest.json", "partition/manifest.json"):
+        assert (clone / "outputs" / name).read_bytes() == (project / "outputs" / name).read_bytes()
+    assert "up to date" in _sh(["dvc", "status"], clone)
+    assert _ran(_sh(["dvc", "repro"], clone)) == set()
+    _sh(["git", "checkout", "--", ".dvc/config"], project)
 
 
 def test_group_size_change_reruns_from_quantize(project):

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from llava_pipeline import stage
 
-from .conftest import make_workdir, run_stage
+from .conftest import ROOT, make_workdir, run_stage
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -146,3 +151,32 @@ def test_max_seq_len_too_small_and_too_large(tmp_path, tiny_ckpt):
     big = _error_line(run_stage(work, "source_transform", "export.max_seq_len=100000", check=False))
     assert "export.max_seq_len=100000" in big and "max_position_embeddings" in big
     assert not (work / "outputs" / "source_transform").exists()
+
+
+def test_stage_killed_midway_leaves_nothing_accepted(transformed):
+    """SIGKILL a real stage while it works: no outputs/<stage>/ appears, the next stage
+    refuses to start, and a rerun replaces the leftover partial folder."""
+    run_stage(transformed, "quantize")
+    outputs = transformed / "outputs"
+    if (outputs / "partition").exists():
+        shutil.rmtree(outputs / "partition")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.partition"],
+        cwd=transformed,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (outputs / ".partition.partial").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "stage ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(3)  # well into export/lowering
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (outputs / "partition").exists()
+    line = _error_line(run_stage(transformed, "to_executorch", check=False))
+    assert "no finished output of stage 'partition'" in line
+    run_stage(transformed, "partition")
+    assert (outputs / "partition" / "manifest.json").is_file()
+    assert not (outputs / ".partition.partial").exists()
