@@ -153,6 +153,7 @@ def test_max_seq_len_too_small_and_too_large(tmp_path, tiny_ckpt):
     assert not (work / "outputs" / "source_transform").exists()
 
 
+@pytest.mark.slow
 def test_stage_killed_midway_leaves_nothing_accepted(transformed):
     """SIGKILL a real stage while it works: no outputs/<stage>/ appears, the next stage
     refuses to start, and a rerun replaces the leftover partial folder."""
@@ -180,3 +181,21 @@ def test_stage_killed_midway_leaves_nothing_accepted(transformed):
     run_stage(transformed, "partition")
     assert (outputs / "partition" / "manifest.json").is_file()
     assert not (outputs / ".partition.partial").exists()
+
+
+@pytest.mark.slow
+def test_emit_refuses_a_program_that_fails_verification(tmp_path, export_8da4w):
+    work = make_workdir(tmp_path / "p")
+    shutil.copytree(export_8da4w, work / "outputs")
+    for name in ("llava.pte", "emit"):
+        target = work / "outputs" / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    pte = work / "outputs" / "to_executorch" / "model.pte"
+    data = bytearray(pte.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 20000, 7):
+        data[i] ^= 0x40
+    pte.write_bytes(bytes(data))
+    line = _error_line(run_stage(work, "emit", check=False))
+    assert "llava.pte failed verification" in line
+    assert not (work / "outputs" / "llava.pte").exists()
+    assert not (work / "outputs" / "emit").exists()
