@@ -30,7 +30,7 @@ export: venv
 demo: venv
 	$(BIN)/python -m llava_pipeline.run --model_path=outputs/llava.pte \
 	  --tokenizer_path=outputs/tokenizer.bin --image_path=outputs/image.pt \
-	  --prompt="$(QUESTION)" --seq_len=768 --temperature=0
+	  --prompt="$(QUESTION)" --seq_len=768 --temperature=0 --max_new_tokens=64
 
 run: export demo
 

@@ -4,23 +4,34 @@
         --tokenizer_path=outputs/tokenizer.bin --image_path=outputs/image.pt \\
         --prompt="What is shown in this picture?" --seq_len=768 --temperature=0
 
-Flags follow ExecuTorch's llava_main. `--image_path` takes the pipeline's
-`image.pt` (uint8 CHW at the model's size) or an ordinary image file, which is
-preprocessed as LLaVA-1.5's HF processor does (336 px shortest edge, bicubic,
-center crop). The prompt is put in the LLaVA-1.5 chat format unless `--raw`.
+Flags follow ExecuTorch's llava_main (``--flag=value`` or ``--flag value``).
+``--image_path`` takes the pipeline's ``image.pt`` (uint8 CHW at the model's size)
+or an ordinary image file, preprocessed as LLaVA-1.5's HF processor does (336 px
+shortest edge, bicubic, center crop). The prompt is put in the LLaVA-1.5 chat
+format unless ``--raw``. The answer streams to stdout; timings go to stderr.
+
+``--interactive`` keeps the conversation, and its KV cache, across turns read
+from stdin (one question a line; the image is given once, with the first turn).
+Turns follow LLaVA-1.5's conversation format,
+``USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:``: the answer's EOS (or,
+for an answer cut at ``--max_new_tokens``, its last token and an EOS) goes into the
+cache before the next ``USER``. When the next turn no longer fits in ``--seq_len``
+positions the CLI says so and stops.
+
+Bad input gives one ``error: ...`` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from . import image as image_mod
 from . import tokenizer as tok_mod
 
 
@@ -28,22 +39,50 @@ class UsageError(Exception):
     """Bad input: reported in one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        raise UsageError(message)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llava_pipeline.run", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m llava_pipeline.run", description=__doc__.split("\n")[0])
     p.add_argument("--model_path", required=True, type=Path)
     p.add_argument("--tokenizer_path", required=True, type=Path)
     p.add_argument("--image_path", required=True, type=Path)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--seq_len", type=int, default=768, help="total tokens: prompt + image + answer")
+    p.add_argument("--prompt", help="the question (with --interactive: the first turn; else read from stdin)")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="total positions: prompt + image + answer(s); default: the model's context")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; at most 1")
+    p.add_argument("--max_new_tokens", type=int, default=-1, help="per answer; -1: until EOS or --seq_len")
     p.add_argument("--raw", action="store_true", help="send the prompt as is (must contain <image>)")
+    p.add_argument("--interactive", action="store_true", help="keep asking: one question a line on stdin")
     return p.parse_args(argv)
 
 
-def load_pixels(path: Path, size: int) -> torch.Tensor:
-    """uint8 [3, size, size] from image.pt or an image file."""
-    if not path.is_file():
-        raise UsageError(f"--image_path: {path} not found")
+def _check_flags(args: argparse.Namespace) -> None:
+    if not (math.isfinite(args.temperature) and 0.0 <= args.temperature <= 1.0):
+        raise UsageError(f"--temperature: {args.temperature} is outside [0, 1]")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq_len: {args.seq_len} must be positive")
+    if args.max_new_tokens == 0 or args.max_new_tokens < -1:
+        raise UsageError(f"--max_new_tokens: {args.max_new_tokens} must be positive (or -1: no limit)")
+    if args.raw and args.interactive:
+        raise UsageError("--raw and --interactive do not combine (follow-up turns use the chat format)")
+    if args.prompt is None and not args.interactive:
+        raise UsageError("--prompt is required (or --interactive to read it from stdin)")
+    for flag, path in (("--model_path", args.model_path), ("--tokenizer_path", args.tokenizer_path),
+                       ("--image_path", args.image_path)):
+        if not path.is_file():
+            raise UsageError(f"{flag}: {path} not found")
+
+
+def load_pixels(path: Path, size: tuple[int, int]):
+    """uint8 [3, H, W] from image.pt or an image file."""
+    import torch
+
+    from . import image as image_mod
+
+    height, width = size
     if path.suffix == ".pt":
         try:
             pixels = torch.load(path, weights_only=True)
@@ -52,99 +91,280 @@ def load_pixels(path: Path, size: int) -> torch.Tensor:
         if not (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.dim() in (3, 4)):
             raise UsageError(f"--image_path: {path} must hold a uint8 CHW tensor")
         pixels = pixels.reshape(pixels.shape[-3:])
-        if tuple(pixels.shape) != (3, size, size):
-            raise UsageError(f"--image_path: {path} is {tuple(pixels.shape)}, the model takes (3, {size}, {size})")
+        if tuple(pixels.shape) != (3, height, width):
+            raise UsageError(f"--image_path: {path} is {tuple(pixels.shape)}, the model takes (3, {height}, {width})")
         return pixels
     try:
         picture = image_mod.load_image(path)
-    except Exception as e:
-        raise UsageError(f"--image_path: cannot read {path} as an image ({e})") from None
-    return image_mod.preprocess_to_uint8(picture, size)
+    except Exception as e:  # PIL: unidentified, truncated, decompression bomb, ...
+        raise UsageError(f"--image_path: cannot read {path} as an image ({type(e).__name__}: {e})") from None
+    if height != width:
+        raise UsageError(f"--image_path: the model takes {height}x{width} images; pass an image.pt")
+    return image_mod.preprocess_to_uint8(picture, height)
 
 
-def _program_meta(model_path: Path) -> dict:
-    """Constant methods and the vision input size, read from the .pte."""
-    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+# ------------------------------------------------------------------ the conversation
 
-    from .runner import load_kernels
 
-    load_kernels()
-    try:
-        module = _load_for_executorch(str(model_path))
-    except Exception as e:
-        raise UsageError(f"--model_path: {model_path} is not a loadable ExecuTorch program ({e})") from None
-    names = set(module.method_names())
-    missing = {"vision_encoder", "token_embedding", "text_decoder", "get_max_seq_len"} - names
-    if missing:
-        raise UsageError(f"--model_path: {model_path} lacks method(s) {sorted(missing)}")
-    meta = {n: module.run_method(n, ())[0] for n in ("get_max_seq_len", "get_vocab_size") if n in names}
-    meta["image_size"] = module.method_meta("vision_encoder").input_tensor_meta(0).sizes()[-1]
-    return meta
+@dataclass
+class Turn:
+    """Timings of one answer (seconds, time.perf_counter differences)."""
+
+    prompt_tokens: int  # text tokens prefilled for this turn
+    prefill_s: float  # those tokens' prefill, up to the first answer token
+    tokens: int  # answer tokens sampled (an EOS included)
+    decode_s: float  # from the first to the last answer token
+    stop: str
+    image_s: float | None = None  # first turn: the separate prefill([image]) call
+    resyncs: int = 0
+
+
+class Chat:
+    """A LLaVA-1.5 conversation about one image on a ``Runner``, its KV cache kept."""
+
+    def __init__(self, runner, seq_len: int, temperature: float, max_new_tokens: int):
+        self.runner = runner
+        self.vocab = runner.vocab
+        self.seq_len = seq_len
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.pending: list[int] = []  # tokens that close the previous answer, fed before the next turn
+        self.over = ""  # why the conversation cannot go on, once it cannot
+
+    @property
+    def pos(self) -> int:
+        return self.runner.pos
+
+    def first_turn(self, before: list[int], pixels, after: list[int], on_text) -> Turn:
+        from .runner import image_input, token_input
+
+        t0 = time.perf_counter()
+        self.runner.prefill([token_input(before)])
+        t1 = time.perf_counter()
+        if after:
+            self.runner.prefill([image_input(pixels)])
+            image_s, last = time.perf_counter() - t1, [token_input(after)]
+        else:  # a raw prompt ending in <image>: the image is the last input, prefilled by generate()
+            image_s, last = None, [image_input(pixels)]
+        turn = self._answer(last, on_text)
+        turn.prefill_s += t1 - t0
+        turn.prompt_tokens = len(before) + len(after)
+        turn.image_s = image_s
+        return turn
+
+    def next_ids(self, question: str) -> list[int]:
+        """Token ids of a follow-up turn: the previous answer's closing tokens, then
+        ``USER: {question} ASSISTANT:`` (with the dummy prefix SentencePiece gives it)."""
+        tok_mod.runner_prompt_segments(question)  # same checks as the first turn (ValueError)
+        return self.pending + self.vocab.encode(f"USER: {question} ASSISTANT:", 0, 0)
+
+    def fits(self, ids: list[int]) -> bool:
+        return self.pos + len(ids) < self.seq_len  # room for the turn and one answer token
+
+    def next_turn(self, ids: list[int], on_text) -> Turn:
+        from .runner import token_input
+
+        turn = self._answer([token_input(ids)], on_text)
+        turn.prompt_tokens = len(ids)
+        return turn
+
+    def _answer(self, inputs: list, on_text) -> Turn:
+        gen = self.runner.generate(inputs, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                   num_bos=0, seq_len=self.seq_len, on_text=on_text)
+        if gen.stop == "eos":
+            self.pending = [gen.eos_id]
+        elif gen.stop == "max_new_tokens" and gen.pending_id is not None:
+            self.pending = [gen.pending_id, self.vocab.eos]
+        elif gen.stop == "max_new_tokens":
+            self.pending, self.over = [], "the answer's last piece maps to no token id"
+        else:
+            self.pending, self.over = [], "context full"
+
+        t_first = gen.t_first if gen.t_first is not None else time.perf_counter()
+        return Turn(
+            prompt_tokens=0,
+            prefill_s=t_first - gen.t_start,
+            tokens=gen.tokens,
+            decode_s=(gen.t_last or t_first) - t_first,
+            stop=gen.stop,
+            resyncs=gen.resyncs,
+        )
+
+
+def format_stats(turn: Turn, chat: Chat, image_tokens: int) -> list[str]:
+    lines = []
+    if turn.image_s is not None:
+        lines.append(
+            f"image encode: {turn.image_s:.3f} s (one prefill([image]) call: vision_encoder, then "
+            f"text_decoder over its {image_tokens} embeddings)"
+        )
+    rate = turn.prompt_tokens / turn.prefill_s if turn.prefill_s > 0 else float("inf")
+    lines.append(
+        f"prefill: {turn.prefill_s:.3f} s for {turn.prompt_tokens} text tokens ({rate:.0f} tok/s; "
+        f"up to the first answer token)"
+    )
+    steps = turn.tokens - 1
+    if steps > 0 and turn.decode_s > 0:
+        decode = f"{steps / turn.decode_s:.1f} tok/s ({steps} tokens after the first in {turn.decode_s:.3f} s)"
+    else:
+        decode = f"n/a ({turn.tokens} token)"
+    stop = {"eos": "EOS", "max_new_tokens": "--max_new_tokens", "seq_len": "--seq_len reached",
+            "unmappable": "a piece the tokenizer cannot map back"}.get(turn.stop, turn.stop)
+    lines.append(f"decode: {decode}; stopped by {stop}; context {chat.pos}/{chat.seq_len} positions")
+    if turn.resyncs:
+        lines.append(f"resumed {turn.resyncs}x after pieces that are not UTF-8 on their own")
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines.append(f"peak RSS: {rss_mib:.0f} MiB (whole process so far, getrusage ru_maxrss)")
+    return [f"[stats] {line}" for line in lines]
+
+
+# ------------------------------------------------------------------ the command
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return _run(args)
+        return _run(parse_args(sys.argv[1:] if argv is None else argv))
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _first_prompt_ids(vocab, prompt: str, raw: bool) -> tuple[list[int], list[int]]:
+    try:
+        segments = tok_mod.split_prompt(prompt) if raw else tok_mod.runner_prompt_segments(prompt)
+    except ValueError as e:
+        raise UsageError(f"--prompt: {e}") from None
+    before = vocab.encode(segments.before_image, vocab.bos, 0) if segments.before_image else [vocab.bos]
+    after = vocab.encode(segments.after_image, 0, 0) if segments.after_image else []
+    return before, after
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import Runner, image_input, native_output_captured, text_input
+    _check_flags(args)
+    from .runner import Runner, Vocabulary, load_runtime_kernels, native_output_captured, read_program_meta
 
-    if not 0.0 <= args.temperature <= 1.0:
-        raise UsageError(f"--temperature: {args.temperature} is outside [0, 1]")
-    for flag, path in (("--model_path", args.model_path), ("--tokenizer_path", args.tokenizer_path)):
-        if not path.is_file():
-            raise UsageError(f"{flag}: {path} not found")
-    meta = _program_meta(args.model_path)
-    if args.seq_len > meta["get_max_seq_len"]:
-        raise UsageError(f"--seq_len: {args.seq_len} is above the model's maximum {meta['get_max_seq_len']}")
-    pixels = load_pixels(args.image_path, meta["image_size"])
-    try:
-        segments = (
-            tok_mod.split_prompt(args.prompt) if args.raw else tok_mod.runner_prompt_segments(args.prompt)
-        )
-    except ValueError as e:
-        raise UsageError(f"--prompt: {e}") from None
-
-    inputs = [text_input(segments.before_image), image_input(pixels), text_input(segments.after_image)]
-    t0 = time.perf_counter()
-    # The native runner logs its tokenizer probing and metadata, and prints every
-    # token itself: keep that off the terminal, stream through our callback instead.
-    with native_output_captured() as native:
+    with native_output_captured():  # library chatter on fds 1 and 2 while loading
+        load_runtime_kernels()
         try:
-            runner = Runner(args.model_path, args.tokenizer_path)
-            gen = runner.generate(
-                inputs,
-                max_new_tokens=-1,
-                temperature=args.temperature,
-                num_bos=1,
-                seq_len=args.seq_len,
-                on_piece=lambda s: print(s, end="", flush=True),
-            )
+            meta = read_program_meta(args.model_path)
+        except ValueError as e:
+            raise UsageError(f"--model_path: {e}") from None
+        try:
+            vocab = Vocabulary(args.tokenizer_path)
+        except ValueError as e:
+            raise UsageError(f"--tokenizer_path: {e}") from None
+    if vocab.size != meta.vocab_size:
+        raise UsageError(
+            f"--tokenizer_path: {args.tokenizer_path} has {vocab.size} tokens but the model's vocabulary "
+            f"has {meta.vocab_size} (text_decoder logits); use the tokenizer.bin exported with it"
+        )
+    seq_len = meta.max_context_len if args.seq_len is None else args.seq_len
+    if seq_len > meta.max_context_len:
+        raise UsageError(f"--seq_len: {seq_len} is above the model's maximum of {meta.max_context_len}")
+    pixels = load_pixels(args.image_path, meta.image_size)
+
+    question = args.prompt
+    if question is None:  # --interactive without --prompt: the first line is the first turn
+        question = _read_question()
+        if question is None:
+            return 0
+    before, after = _first_prompt_ids(vocab, question, args.raw)
+    needed = len(before) + meta.image_tokens + len(after)
+    text_tokens = len(before) + len(after)
+    if needed >= meta.max_context_len:
+        raise UsageError(
+            f"--prompt: {needed} tokens ({text_tokens} text + {meta.image_tokens} image) leave no room to answer "
+            f"in the model's context of {meta.max_context_len}"
+        )
+    if max(len(before), len(after)) > meta.max_seq_len:
+        raise UsageError(f"--prompt: a text segment of {max(len(before), len(after))} tokens is longer than "
+                         f"the model's longest prefill of {meta.max_seq_len}")
+    if needed >= seq_len:
+        raise UsageError(
+            f"--seq_len: {seq_len} is too small: the prompt takes {needed} positions ({text_tokens} text + "
+            f"{meta.image_tokens} image); use at least {needed + 1}"
+        )
+
+    with native_output_captured() as log:
+        try:
+            runner = Runner(args.model_path, args.tokenizer_path, vocab=vocab, meta=meta)
         except RuntimeError as e:
-            failure = e
-        else:
-            failure = None
-    if failure is not None:
-        log = [line for line in native[0].splitlines() if "rror" in line]
-        raise UsageError(f"generation failed: {failure}; {log[-1] if log else ''}".rstrip("; "))
-    wall = time.perf_counter() - t0
-    print()
-    s = gen.stats
-    prefill_s = (s["prompt_eval_end_ms"] - s["inference_start_ms"]) / 1000
-    decode_s = (s["inference_end_ms"] - s["prompt_eval_end_ms"]) / 1000
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        f"[prompt tokens {s['prompt_tokens']}, prefill {prefill_s:.3f} s; "
-        f"{s['generated_tokens']} tokens in {decode_s:.3f} s "
-        f"({s['generated_tokens'] / max(decode_s, 1e-9):.1f} tok/s); wall {wall:.2f} s; peak RSS {rss_mb:.0f} MB]",
-        file=sys.stderr,
-    )
+            runner, failure = None, e
+    if runner is None:
+        raise UsageError(f"--model_path: the runner cannot load {args.model_path} ({failure}){_last_error(log)}")
+    chat = Chat(runner, seq_len, args.temperature, args.max_new_tokens)
+
+    turn = _ask(chat, lambda on_text: chat.first_turn(before, pixels, after, on_text))
+    _report(turn, chat, meta.image_tokens)
+    if not args.interactive:
+        return 0
+    while not chat.over:
+        question = _read_question()
+        if question is None:
+            return 0
+        try:
+            ids = chat.next_ids(question)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if len(ids) > meta.max_seq_len:
+            print(f"error: that turn has {len(ids)} tokens, more than the model's longest prefill of "
+                  f"{meta.max_seq_len}", file=sys.stderr)
+            continue
+        if not chat.fits(ids):
+            chat.over = "context full"
+            break
+        _report(_ask(chat, lambda on_text: chat.next_turn(ids, on_text)), chat, meta.image_tokens)
+    print(f"{chat.over}: {chat.pos} of --seq_len {chat.seq_len} positions are used, no room for another "
+          "turn; ending the conversation", file=sys.stderr)
     return 0
+
+
+def _ask(chat: Chat, turn_fn) -> Turn:
+    from .runner import native_output_captured
+
+    def on_text(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    # The native runner logs, and prints every token itself: keep that off the
+    # terminal and stream through our callback instead.
+    with native_output_captured() as log:
+        try:
+            turn, failure = turn_fn(on_text), None
+        except RuntimeError as e:
+            turn, failure = None, e
+    print()
+    if failure is not None:
+        raise UsageError(f"generation failed: {failure}{_last_error(log)}")
+    return turn
+
+
+def _report(turn: Turn, chat: Chat, image_tokens: int) -> None:
+    for line in format_stats(turn, chat, image_tokens):
+        print(line, file=sys.stderr)
+
+
+def _last_error(log: list[str]) -> str:
+    lines = [line.strip() for line in (log[0] if log else "").splitlines() if "rror" in line]
+    return f"; {lines[-1]}" if lines else ""
+
+
+def _read_question() -> str | None:
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        if line.strip():
+            return line.rstrip("\r\n")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,92 @@
 """Running an exported .pte with ExecuTorch's C++ MultimodalRunner (Python binding).
 
-The binding does not carry the LLM custom kernels (update_cache, custom_sdpa)
-nor the quantized kernels (embedding_byte, ...): they are registered by
-importing their modules before the first generate().
+Kernels: the binding does not carry the LLM custom kernels (update_cache,
+custom_sdpa) nor the quantized kernels (embedding_byte, ...). ``load_kernels``
+imports their Python modules (which also registers the eager torch ops, for
+code that runs the eager model); ``load_runtime_kernels`` only loads the two
+shared libraries, which is all the runner needs and seconds faster.
+
+Text that is not valid UTF-8 piece by piece. The runner hands each new token's
+text to the Python callback as a ``str``, and the binding decodes it as strict
+UTF-8 first. A byte-fallback piece (``<0x80>`` .. ``<0xFF>``, one byte of an emoji
+or of a CJK character missing from the vocabulary) is not valid UTF-8 on its own:
+the conversion raises ``UnicodeDecodeError`` inside the C++ decode loop, the
+exception unwinds through it and generation stops. Observed with executorch
+1.5.1 (tests/test_run_cli.py checks it on the real binding):
+
+- the exception reaches Python intact, ``.object`` holding the piece's raw bytes,
+  and the process and the runner stay usable;
+- the runner's position stays where that ``generate()`` call's prefill left it,
+  while its KV cache already holds the tokens the decode loop fed after it;
+- the token whose text failed was sampled but not fed (the runner never feeds the
+  last token it samples, exactly as when a generation ends normally).
+
+``Runner.generate`` therefore catches it, maps the raw bytes (and the pieces
+before it) back to token ids with the runner's own tokenizer, feeds the tokens the
+runner had already decoded again one at a time (the decode loop's shape at the
+same positions: the cache gets the same values), and resumes with the failed token
+as the next input. Text goes out through ``Utf8Stream``, which holds an incomplete
+UTF-8 sequence back until its last byte arrives. With greedy decoding the result
+is token for token what an uninterrupted run would give. (``generate_text`` does
+not raise mid-way but only returns at the end, without streaming, and then fails
+on the whole text's conversion.)
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import json
 import os
+import struct
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+REQUIRED_METHODS = ("token_embedding", "text_decoder", "vision_encoder", "get_max_seq_len")
 
 
 def load_kernels() -> None:
-    """Register the custom LLM ops and quantized kernels with the runtime."""
+    """Register the custom LLM ops and quantized kernels with the runtime (and with eager torch)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
 
 
-@dataclass
-class Generation:
-    pieces: list[str] = field(default_factory=list)  # decoded text of each new token
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
+_RUNTIME_KERNEL_LIBS = (
+    "extension/llm/custom_ops/*custom_ops_aot_lib.*",
+    "kernels/quantized/*quantized_ops_aot_lib.*",
+)
 
 
-def image_input(pixels: torch.Tensor):
+_runtime_kernels_loaded = False
+
+
+def load_runtime_kernels() -> None:
+    """Register the same kernels with the ExecuTorch runtime by loading their shared
+    libraries only (importing the Python modules pulls in executorch.exir and torchao,
+    ~4 s). Falls back to ``load_kernels`` where the libraries are not found."""
+    global _runtime_kernels_loaded
+    if _runtime_kernels_loaded:
+        return
+    import importlib.util
+
+    import torch  # the libraries link against libtorch
+
+    spec = importlib.util.find_spec("executorch")
+    root = Path(next(iter(spec.submodule_search_locations or []), "")) if spec else None
+    libs = [next(iter(sorted(root.glob(pattern))), None) if root else None for pattern in _RUNTIME_KERNEL_LIBS]
+    if None in libs:
+        load_kernels()
+    else:
+        for lib in libs:
+            torch.ops.load_library(str(lib))
+    _runtime_kernels_loaded = True
+
+
+def image_input(pixels):
     """A runner image input from a uint8 CHW (or 1xCHW) tensor."""
     from executorch.extension.llm.runner import make_image_input
 
@@ -58,13 +110,15 @@ def text_input(text: str):
 @contextlib.contextmanager
 def native_output_captured():
     """Capture what native code writes to fds 1 and 2 (the runner prints every token
-    and its logs itself). Python's sys.stdout keeps writing to the real stdout.
-    Yields a list that receives the captured text when the block exits."""
+    and its logs itself; Python's own stderr goes there too). ``sys.stdout`` keeps
+    writing to the real stdout. Yields a list that receives the captured text when
+    the block exits."""
     captured: list[str] = []
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
-    real_stdout = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    real_stdout = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding=encoding, errors="replace")
     old_stdout = sys.stdout
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 1)
@@ -74,6 +128,7 @@ def native_output_captured():
             yield captured
         finally:
             real_stdout.flush()
+            sys.stderr.flush()
             sys.stdout = old_stdout
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
@@ -84,14 +139,249 @@ def native_output_captured():
             captured.append(sink.read().decode("utf-8", errors="replace"))
 
 
+# ------------------------------------------------------------------ program metadata
+
+
+@dataclass(frozen=True)
+class ProgramMeta:
+    """What the CLI needs to know about a .pte before running it."""
+
+    methods: frozenset[str]
+    max_seq_len: int  # longest single prefill
+    max_context_len: int  # KV-cache positions (the runner's limit on prompt + answer)
+    vocab_size: int  # width of text_decoder's logits
+    declared_vocab_size: int | None  # the get_vocab_size constant, if any
+    eos_ids: tuple[int, ...]
+    image_size: tuple[int, int]  # (H, W) the vision encoder takes
+    image_tokens: int  # positions one image takes in the KV cache
+
+
+def _load_program(path: Path):
+    try:  # the public executorch.runtime wrapper imports executorch.exir (~4 s) first
+        from executorch.extension.pybindings import _C
+
+        return _C._load_program(str(path))
+    except ImportError:
+        from executorch.runtime import Runtime
+
+        return Runtime.get().load_program(str(path))._program
+
+
+def read_program_meta(path: Path) -> ProgramMeta:
+    """Read constants and tensor shapes from a .pte, loading only its constant methods.
+
+    Raises ValueError (one line) if the file is not an ExecuTorch program or lacks
+    a method the runner needs."""
+    try:
+        program = _load_program(path)
+        names = frozenset(program.get_method_name(i) for i in range(program.num_methods()))
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a loadable ExecuTorch program ({e})") from None
+    missing = [n for n in REQUIRED_METHODS if n not in names]
+    if missing:
+        raise ValueError(f"{path} lacks the method(s) {', '.join(missing)} that the runner needs")
+
+    def constant(name: str) -> list[int] | None:
+        if name not in names:
+            return None
+        return [int(v) for v in program.load_method(name).call([])]
+
+    try:
+        max_seq_len = constant("get_max_seq_len")[0]
+        context = constant("get_max_context_len")
+        vocab = constant("get_vocab_size")
+        eos = constant("get_eos_ids") or []
+        vision = program.method_meta("vision_encoder")
+        image_in, image_out = vision.input_tensor_meta(0).sizes(), vision.output_tensor_meta(0).sizes()
+        logits = program.method_meta("text_decoder").output_tensor_meta(0).sizes()
+    except (RuntimeError, IndexError) as e:
+        raise ValueError(f"{path}: cannot read the program's metadata ({e})") from None
+    return ProgramMeta(
+        methods=names,
+        max_seq_len=max_seq_len,
+        max_context_len=context[0] if context else max_seq_len,
+        vocab_size=int(logits[-1]),
+        declared_vocab_size=vocab[0] if vocab else None,
+        eos_ids=tuple(eos),
+        image_size=(int(image_in[-2]), int(image_in[-1])),
+        image_tokens=int(image_out[-2]),
+    )
+
+
+# ------------------------------------------------------------------ the runner's tokenizer
+
+
+def _llama2c_raw_pieces(path: Path) -> list[bytes] | None:
+    """The stored piece strings of an llama2c tokenizer.bin (header of 4 uint32, then per
+    id float32 score, uint32 length, bytes); None if the file does not parse as one."""
+    data = Path(path).read_bytes()
+    try:
+        n = struct.unpack_from("<I", data, 0)[0]
+        off, pieces = 16, []
+        for _ in range(n):
+            length = struct.unpack_from("<I", data, off + 4)[0]
+            pieces.append(data[off + 8 : off + 8 + length])
+            off += 8 + length
+    except struct.error:
+        return None
+    return pieces
+
+
+def _is_byte_piece(raw: bytes) -> bool:
+    return len(raw) == 6 and raw.startswith(b"<0x") and raw.endswith(b">")
+
+
+class Vocabulary:
+    """The runner's tokenizer (an llama2c tokenizer.bin) as pytorch_tokenizers' C++ code reads it.
+
+    ``piece(id)`` is the bytes the runner's token callback gets for that token;
+    ``id_of(bytes)`` maps them back. Where several ids decode to the same bytes (in
+    Llama-2, the ASCII byte-fallback pieces ``<0x20>``..``<0x7E>`` and the ordinary
+    one-character pieces) it prefers the ordinary piece: trained models practically
+    never emit a byte-fallback piece for a character the vocabulary has.
+    """
+
+    def __init__(self, path: Path | None = None, *, pieces: list[bytes] | None = None,
+                 bos: int = 1, eos: int = 2, byte_fallback: frozenset[int] = frozenset()):
+        self._tok = None
+        self._pieces = pieces
+        self._byte_fallback = byte_fallback
+        self._ids: dict[bytes, int] | None = None
+        self._path = path
+        if path is None:
+            self.size, self.bos, self.eos = len(pieces or []), bos, eos
+            return
+        from pytorch_tokenizers import CppLlama2cTokenizer
+
+        tok = CppLlama2cTokenizer()
+        try:
+            tok.load(str(path))
+        except RuntimeError as e:
+            raise ValueError(f"{path} is not an llama2c tokenizer.bin ({e})") from None
+        self._tok = tok
+        self.size, self.bos, self.eos = tok.vocab_size(), tok.bos_tok(), tok.eos_tok()
+
+    def encode(self, text: str, bos: int = 0, eos: int = 0) -> list[int]:
+        """Token ids as the runner's tokenizer encodes ``text`` (a dummy prefix included)."""
+        if self._tok is None:
+            raise ValueError("this vocabulary has no encoder")
+        return list(self._tok.encode(text, bos, eos))
+
+    def piece(self, token_id: int) -> bytes:
+        if self._pieces is not None:
+            return self._pieces[token_id]
+        try:
+            return self._tok.decode(token_id).encode("utf-8")
+        except UnicodeDecodeError as e:
+            return bytes(e.object)
+
+    def id_of(self, raw: bytes) -> int | None:
+        if self._ids is None:
+            self._build_index()
+        return self._ids.get(raw)
+
+    def _build_index(self) -> None:
+        if self._pieces is None:
+            self._pieces = [self.piece(i) for i in range(self.size)]
+            stored = _llama2c_raw_pieces(self._path)
+            if stored is not None and len(stored) == self.size:
+                self._byte_fallback = frozenset(i for i, s in enumerate(stored) if _is_byte_piece(s))
+        ids: dict[bytes, int] = {}
+        for i, raw in enumerate(self._pieces):
+            if raw not in ids or (ids[raw] in self._byte_fallback and i not in self._byte_fallback):
+                ids[raw] = i
+        self._ids = ids
+
+
+class Utf8Stream:
+    """Bytes of successive pieces in, text out: an incomplete UTF-8 sequence is held back
+    until its last byte arrives; bytes that can never form a character become U+FFFD."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+# ------------------------------------------------------------------ generation
+
+
+@dataclass
+class Generation:
+    piece_bytes: list[bytes] = field(default_factory=list)  # each new token's text, raw (EOS left out)
+    stats: dict = field(default_factory=dict)  # the runner's Stats of its last completed generate()
+    stop: str = ""  # "eos", "max_new_tokens", "seq_len" (the context limit) or "unmappable"
+    pending_id: int | None = None  # the last token shown: sampled but not in the KV cache yet
+    eos_id: int | None = None  # the EOS token that ended it, if one did (not in the cache either)
+    resyncs: int = 0  # times generation resumed after a piece the binding could not pass on
+    tokens: int = 0  # tokens sampled, the EOS included
+    t_start: float = 0.0  # time.perf_counter() at the call, the first and the last token
+    t_first: float | None = None
+    t_last: float | None = None
+
+    @property
+    def pieces(self) -> list[str]:
+        """Each token's text; a piece that is not UTF-8 on its own keeps its bytes as
+        surrogate escapes (``"".join(pieces).encode("utf-8", "surrogateescape")`` is exact)."""
+        return [b.decode("utf-8", errors="surrogateescape") for b in self.piece_bytes]
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.piece_bytes).decode("utf-8", errors="replace")
+
+
 class Runner:
-    """A MultimodalRunner over one .pte + tokenizer."""
+    """A MultimodalRunner over one .pte + tokenizer that keeps track of its KV-cache position.
 
-    def __init__(self, model_path: Path, tokenizer_path: Path):
-        load_kernels()
-        from executorch.extension.llm.runner import MultimodalRunner
+    ``pos`` counts the positions filled (None when unknown: text inputs are encoded by
+    the runner, which decides about BOS; it is known again after a generate()).
+    ``binding``/``vocab``/``meta`` replace the real runner, tokenizer and .pte
+    metadata (tests)."""
 
-        self._runner = MultimodalRunner(str(model_path), str(tokenizer_path))
+    def __init__(self, model_path: Path | None, tokenizer_path: Path | None, *,
+                 binding=None, vocab: Vocabulary | None = None, meta: ProgramMeta | None = None):
+        if binding is None:
+            load_runtime_kernels()
+            from executorch.extension.llm.runner import MultimodalRunner
+
+            binding = MultimodalRunner(str(model_path), str(tokenizer_path))
+        self._runner = binding
+        self.vocab = vocab if vocab is not None else Vocabulary(tokenizer_path)
+        self.meta = meta if meta is not None else read_program_meta(model_path)
+        self._eos = {self.vocab.piece(i): i for i in (self.meta.eos_ids or (self.vocab.eos,))}
+        self.pos: int | None = 0
+
+    def reset(self) -> None:
+        self._runner.reset()
+        self.pos = 0
+
+    def _positions(self, inputs: list) -> int | None:
+        total = 0
+        for inp in inputs:
+            if inp.is_tokens():
+                total += len(inp.get_tokens())
+            elif inp.is_image():
+                total += self.meta.image_tokens
+            else:
+                return None
+        return total
+
+    def _advance(self, inputs: list) -> None:
+        n = self._positions(inputs)
+        self.pos = None if n is None or self.pos is None else self.pos + n
+
+    def prefill(self, inputs: list) -> None:
+        """Put inputs in the KV cache without generating (raises RuntimeError on failure)."""
+        try:
+            self._runner.prefill(inputs)
+        except BaseException:
+            self.pos = None
+            raise
+        self._advance(inputs)
 
     def generate(
         self,
@@ -100,31 +390,110 @@ class Runner:
         temperature: float = 0.0,
         num_bos: int = 0,
         seq_len: int = -1,
-        on_piece: Callable[[str], None] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
+        """Prefill ``inputs`` and generate until EOS, ``max_new_tokens`` tokens (-1: no
+        limit) or ``seq_len`` positions (-1: the model's context). ``on_text`` gets the
+        answer's text as it completes (never a partial UTF-8 character, never the EOS)."""
         from executorch.extension.llm.runner import GenerationConfig
 
-        out = Generation()
+        out = Generation(t_start=time.perf_counter())
+        stream = Utf8Stream()
+        held: list[bytes] = []  # an EOS-looking piece, until we know it ended generation
+        failed: list[BaseException] = []  # what our own callback raised
 
-        def piece(text: str) -> None:
-            out.pieces.append(text)
-            if on_piece is not None:
-                on_piece(text)
+        def emit(raw: bytes) -> None:
+            out.tokens += 1
+            out.t_last = time.perf_counter()
+            out.t_first = out.t_first or out.t_last
+            if held:
+                show(held.pop())
+            if raw in self._eos:
+                held.append(raw)
+            else:
+                show(raw)
 
-        def stats(s) -> None:
-            import json
+        def show(raw: bytes) -> None:
+            out.piece_bytes.append(raw)
+            text = stream.feed(raw)
+            if text and on_text is not None:
+                on_text(text)
 
-            out.stats = json.loads(s.to_json_string())
+        cap = self.meta.max_context_len if seq_len <= 0 else min(seq_len, self.meta.max_context_len)
+        remaining = max_new_tokens
+        segment_inputs = list(inputs)
+        while True:
+            segment: list[bytes] = []
+            self._advance(segment_inputs)  # where the runner's position is once they are prefilled
 
-        config = GenerationConfig(
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            seq_len=seq_len,
-            echo=False,
-            num_bos=num_bos,
-        )
-        self._runner.generate(inputs, config, piece, stats)
+            def on_token(piece: str) -> None:
+                try:
+                    raw = piece.encode("utf-8")  # lossless: the binding decoded it from these bytes
+                    segment.append(raw)
+                    emit(raw)
+                except BaseException as e:
+                    failed.append(e)
+                    raise
+
+            def on_stats(s) -> None:
+                out.stats = json.loads(s.to_json_string())
+
+            config = GenerationConfig(
+                temperature=temperature, max_new_tokens=remaining, seq_len=seq_len, echo=False, num_bos=num_bos
+            )
+            try:
+                self._runner.generate(segment_inputs, config, on_token, on_stats)
+            except UnicodeDecodeError as e:
+                if failed:
+                    self.pos = None
+                    raise failed[0] from None
+                raw = bytes(e.object)
+                segment.append(raw)
+                emit(raw)
+            except BaseException:
+                self.pos = None
+                raise
+            else:
+                self._finish(out, segment, held, remaining)
+                break
+            # Resume: the runner's position is still right after this segment's prefill.
+            ids = self._ids_of(segment)
+            if ids is None:
+                out.stop = "unmappable"
+                break
+            for token in ids[:-1]:  # already in the cache; feeding them again moves the position on
+                self._runner.prefill([token_input([token])])
+            if self.pos is not None:
+                self.pos += len(ids) - 1
+            out.resyncs += 1
+            if remaining > 0:
+                remaining -= len(segment)
+            if remaining == 0 or (self.pos is not None and self.pos + 1 >= cap):
+                out.stop, out.pending_id = ("max_new_tokens" if remaining == 0 else "seq_len"), ids[-1]
+                break
+            segment_inputs = [token_input([ids[-1]])]
+        tail = stream.flush()
+        if tail and on_text is not None:
+            on_text(tail)
         return out
 
-    def reset(self) -> None:
-        self._runner.reset()
+    def _finish(self, out: Generation, segment: list[bytes], held: list[bytes], remaining: int) -> None:
+        s = out.stats
+        if s:
+            self.pos = int(s["prompt_tokens"]) + int(s["generated_tokens"])
+        if held:  # the runner stops right after an EOS
+            out.stop, out.eos_id = "eos", self._eos[held.pop()]
+            return
+        out.stop = "max_new_tokens" if 0 < remaining <= len(segment) else "seq_len"
+        out.pending_id = self.vocab.id_of(segment[-1]) if segment else None
+
+    def _ids_of(self, segment: list[bytes]) -> list[int] | None:
+        ids = []
+        for raw in segment:
+            token = self.vocab.id_of(raw)
+            if token is None and ids and ids[-1] == self.vocab.bos:
+                token = self.vocab.id_of(b" " + raw)  # the decoder drops a leading space after BOS
+            if token is None:
+                return None
+            ids.append(token)
+        return ids
