@@ -31,28 +31,21 @@ def _is_state(key: str) -> bool:
     return key.endswith(("k_cache", "v_cache"))
 
 
-def image_token_count(args: ModelArgs) -> int:
-    v = args.vision
-    n = (v.image_size // v.patch_size) ** 2
-    return n + (1 if v.select_strategy == "full" else 0)
-
-
 def hf_model_args(ckpt: Path, max_seq_len: int) -> ModelArgs:
     """ModelArgs from a checkpoint's JSON files, with max_seq_len validated against it."""
-    cfg = read_json(ckpt / "config.json")
-    pre = read_json(ckpt / "preprocessor_config.json")
-    kwargs = {k: pre[k] for k in ("image_mean", "image_std") if k in pre}
+    from .convert import read_hf_config
+
     try:
-        args = model_args_from_hf_config(cfg, max_seq_len, **kwargs)
-    except ValueError as e:
+        args = read_hf_config(ckpt, max_seq_len)
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError too
         msg = str(e)
         if "max_position_embeddings" in msg:
             raise ConfigError(f"export.max_seq_len={max_seq_len}: above the model's limit ({msg})") from None
         raise PipelineError(f"{ckpt / 'config.json'}: {msg}") from None
-    need = image_token_count(args) + MIN_TEXT_TOKENS
+    need = args.vision.num_image_tokens + MIN_TEXT_TOKENS
     if max_seq_len < need:
         raise ConfigError(
-            f"export.max_seq_len={max_seq_len}: too small for {image_token_count(args)} image tokens "
+            f"export.max_seq_len={max_seq_len}: too small for {args.vision.num_image_tokens} image tokens "
             f"plus a prompt and an answer (need at least {need})"
         )
     return args
@@ -63,7 +56,10 @@ def transform_checkpoint(ckpt: Path, max_seq_len: int):
     from .convert import load_checkpoint
 
     args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
-    model = load_checkpoint(ckpt, max_seq_len)
+    try:
+        model = load_checkpoint(ckpt, max_seq_len)
+    except (OSError, ValueError, KeyError) as e:  # corrupt/truncated shard, missing tensor
+        raise PipelineError(f"{ckpt}: checkpoint weights unusable: {e}") from None
     apply_source_transforms(model, SOURCE_TRANSFORMS)
     check_custom_ops(model, SOURCE_TRANSFORMS)
     return model, args

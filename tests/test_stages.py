@@ -142,6 +142,17 @@ def test_bad_overrides_are_one_line_errors(transformed, override, needle):
     assert needle in _error_line(run_stage(transformed, "quantize", override, check=False))
 
 
+def test_truncated_safetensors_names_the_file(tmp_path, tiny_ckpt):
+    work = make_workdir(tmp_path / "p")
+    (work / "outputs").mkdir()
+    shutil.copytree(tiny_ckpt, work / "outputs" / "download")
+    weights = work / "outputs" / "download" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = _error_line(run_stage(work, "source_transform", check=False))
+    assert "model.safetensors" in line
+    assert not (work / "outputs" / "source_transform").exists()
+
+
 def test_max_seq_len_too_small_and_too_large(tmp_path, tiny_ckpt):
     work = make_workdir(tmp_path / "p")
     (work / "outputs").mkdir()
