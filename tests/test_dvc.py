@@ -86,3 +86,25 @@ def test_max_seq_len_change_reruns_from_source_transform(project):
     ran = _ran(log)
     assert "download" not in ran
     assert {"source_transform", "partition", "to_executorch", "emit"} <= ran
+
+
+def test_queued_sweep_over_group_sizes(project):
+    """`dvc exp run --queue` + `dvc queue start`: each experiment restores download and
+    source_transform from DVC's run cache and runs quantize onwards."""
+    import time
+
+    _sh(["dvc", "exp", "run", "--queue", "-S", "quant.group_size=32,64"], project)
+    _sh(["dvc", "queue", "start", "-j", "1"], project)
+    deadline = time.monotonic() + 900
+    while True:
+        status = _sh(["dvc", "queue", "status"], project)
+        rows = [line.split() for line in status.splitlines() if re.match(r"^[0-9a-f]{7} ", line)]
+        if rows and all(r[-1] in ("Success", "Failed") for r in rows):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert [r[-1] for r in rows] == ["Success", "Success"], status
+    for row in rows:
+        log = _sh(["dvc", "queue", "logs", row[1]], project)
+        assert _ran(log) >= {"quantize", "partition", "to_executorch", "emit"}
+        assert "Running stage 'download'" not in log
