@@ -153,6 +153,9 @@ WORKSPACE_SHARING = {
     "mode": "global",
     "set_by": "XNNPACK backend runtime default (EXECUTORCH_XNNPACK_SHARED_WORKSPACE=ON); "
     "backend option 'workspace_sharing_mode' overrides it per process",
+    # Checked on executorch 1.5.1's wheel: the XNNWorkspaceManager constructor in
+    # lib/libexecutorch_backend_xnnpack.so stores 2 (WorkspaceSharingMode::Global).
+    "checked": "executorch 1.5.1 wheel: XNNWorkspaceManager() initialises the mode to 2 (Global)",
 }
 
 
