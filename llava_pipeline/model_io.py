@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, QuantConfig
-from .model import LlavaModel, ModelArgs, model_args_from_hf_config
+from .model import LlavaModel, ModelArgs
 from .source_transforms import apply_source_transforms, check_custom_ops
 from .stage import PipelineError, read_json
 

@@ -491,7 +491,7 @@ def _decode_pte(program, embed, chunks, steps):
     return logits, tokens
 
 
-def _decode_eager(model, chunks, tokens):
+def decode_eager(model, chunks, tokens):
     """The eager decoder from reset caches over `chunks`, then teacher-forced on `tokens[:-1]`."""
     import torch
 
@@ -506,7 +506,7 @@ def _decode_eager(model, chunks, tokens):
     return logits
 
 
-def _chunks(model, before, pixels, after, vision=None):
+def prefill_chunks(model, before, pixels, after, vision=None):
     """Decoder inputs of the prefill: embedded text before, image embeddings, text after."""
     import torch
 
@@ -547,11 +547,11 @@ def check_numerics(report, program, quant_model, fp32_model, args, tol, scheme, 
                       quant_model.token_embedding(ids), tol.float_rel, f"{tol.float_rel:g}")
 
     def decoder():
-        chunks = _chunks(quant_model, before, pixels, after, vision=ref_image)
+        chunks = prefill_chunks(quant_model, before, pixels, after, vision=ref_image)
         used = sum(x.shape[1] for x in chunks)
         n = max(0, min(steps, args.text.max_seq_len - used))
         got, tokens = _decode_pte(program, quant_model.token_embedding, chunks, n)
-        ref = _decode_eager(quant_model, chunks, tokens)
+        ref = decode_eager(quant_model, chunks, tokens)
         k = len(chunks)
         layout = "+".join(str(x.shape[1]) for x in chunks)
         _max_diff_row(report, "text_decoder", f"prefill logits max|diff| (chunks {layout})",
@@ -564,7 +564,7 @@ def check_numerics(report, program, quant_model, fp32_model, args, tol, scheme, 
         report.add("text_decoder", f"top-1 agreement vs eager {scheme} ({len(tokens)} positions)",
                    f"{agree:.3f}", f">= {tol.top1}", agree >= tol.top1)
         if fp32_model is not None:
-            fp_ref = _decode_eager(fp32_model, _chunks(fp32_model, before, pixels, after), tokens)
+            fp_ref = decode_eager(fp32_model, prefill_chunks(fp32_model, before, pixels, after), tokens)
             fp_top1 = [int(x.argmax()) for x in fp_ref[k - 1:]]
             agree = sum(a == b for a, b in zip(tokens, fp_top1)) / len(tokens)
             report.add("text_decoder", f"top-1 agreement vs fp32 ({len(tokens)} positions)",

@@ -15,7 +15,7 @@ import torch
 
 from llava_pipeline import image as image_mod
 from llava_pipeline import tokenizer as tok_mod
-from llava_pipeline.runner import Runner, image_input, text_input, token_input
+from llava_pipeline.runner import Runner, Vocabulary, image_input, text_input, token_input
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,10 @@ def _split_at_image(ids: list[int], image_id: int) -> tuple[list[int], list[int]
     return ids[:first], ids[last + 1:]
 
 
-def _pieces(tokenizer_bin, ids):
-    from pytorch_tokenizers import CppLlama2cTokenizer
-
-    t = CppLlama2cTokenizer()
-    t.load(str(tokenizer_bin))
-    return [t.decode(i) for i in ids]
+def _pieces(tokenizer_bin, ids) -> list[bytes]:
+    """What the runner's token callback gets for each id."""
+    vocab = Vocabulary(tokenizer_bin)
+    return [vocab.piece(i) for i in ids]
 
 
 def _run(outputs, inputs, n=NEW_TOKENS):
@@ -84,7 +82,7 @@ def test_fp32_runner_equals_transformers_generate(export_fp32):
 
     before, after = _split_at_image(prompt_ids, model.config.image_token_id)
     gen = _run(export_fp32, [token_input(before), image_input(pixels), token_input(after)])
-    assert gen.pieces == _pieces(export_fp32 / "tokenizer.bin", hf_new)
+    assert gen.piece_bytes == _pieces(export_fp32 / "tokenizer.bin", hf_new)
     assert len(gen.pieces) == NEW_TOKENS >= 32
     assert gen.stats["prompt_tokens"] == len(prompt_ids)
 
@@ -103,7 +101,7 @@ def test_fp32_runner_fills_the_context_like_transformers(export_fp32):
     pixels = torch.load(export_fp32 / "image.pt")
     before, after = _split_at_image(prompt_ids, model.config.image_token_id)
     gen = _run(export_fp32, [token_input(before), image_input(pixels), token_input(after)], n=-1)
-    assert gen.pieces == _pieces(export_fp32 / "tokenizer.bin", hf_new)
+    assert gen.piece_bytes == _pieces(export_fp32 / "tokenizer.bin", hf_new)
 
 
 def test_fp32_runner_text_prompt_equals_hf_ids(export_fp32):
@@ -133,18 +131,9 @@ def test_8da4w_top1_agreement(export_8da4w, export_fp32, record_property):
     gen = _run(export_8da4w, [token_input(before), image_input(pixels), token_input(after)])
     assert len(gen.pieces) == NEW_TOKENS
 
-    # Map the runner's pieces back to ids (the pieces of the tokenizer are unique).
-    from pytorch_tokenizers import CppLlama2cTokenizer
-
-    t = CppLlama2cTokenizer()
-    t.load(str(export_8da4w / "tokenizer.bin"))
-    lookup = {}
-    for i in range(t.vocab_size()):
-        try:
-            lookup.setdefault(t.decode(i), i)
-        except UnicodeDecodeError:  # lone non-ASCII byte pieces
-            pass
-    q_ids = [lookup[p] for p in gen.pieces]
+    # Map the runner's pieces back to ids.
+    vocab = Vocabulary(export_8da4w / "tokenizer.bin")
+    q_ids = [vocab.id_of(b) for b in gen.piece_bytes]
 
     seq = torch.tensor([prompt_ids + q_ids])
     with torch.no_grad():
@@ -164,20 +153,11 @@ def test_8da4w_top1_agreement(export_8da4w, export_fp32, record_property):
 
 def _eager_top1(quant_dir, pixels, before, after, new_ids) -> list[int]:
     """Teacher-forced argmax of the eager quantized model (this project's definition)."""
-    from llava_pipeline import model_io
+    from llava_pipeline import model_io, test_pte
 
     model, _, _ = model_io.load_quantized(quant_dir)
     with torch.no_grad():
-        decoder, embed = model.text_decoder, model.token_embedding
-        image = model.vision_encoder(pixels[None])
-        decoder(embed(torch.tensor([before])), torch.tensor([0]))
-        decoder(image, torch.tensor([len(before)]))
-        pos = len(before) + image.shape[1]
-        logits = decoder(embed(torch.tensor([after])), torch.tensor([pos]))
-        out = [int(logits.argmax(-1))]
-        pos += len(after)
-        for tok in new_ids[:-1]:
-            logits = decoder(embed(torch.tensor([[tok]])), torch.tensor([pos]))
-            out.append(int(logits.argmax(-1)))
-            pos += 1
-    return out
+        chunks = test_pte.prefill_chunks(model, before, pixels[None], after)
+        logits = test_pte.decode_eager(model, chunks, new_ids)
+    # The last chunk's logits give the first new token, then one per forced token.
+    return [int(x.argmax(-1)) for x in logits[len(chunks) - 1 :]]
