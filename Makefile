@@ -12,7 +12,7 @@ export PYTHONWARNINGS := ignore
 
 QUESTION ?= What is shown in this picture?
 
-.PHONY: run venv export demo test test-fast clean
+.PHONY: run venv export demo test test-fast clean bench bench-peers bench-7b
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+$(BIN)/.installed-bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
 
 export: venv
 	dvc repro
@@ -39,6 +43,14 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# Benchmarks (not part of `make test`): results in outputs/bench/ (results.md, plot.png,
+# JSON metrics for `dvc metrics show` / `dvc plots show`).
+bench: $(BIN)/.installed-bench
+	$(BIN)/python -m llava_pipeline.bench
+
+bench-7b: $(BIN)/.installed-bench
+	$(BIN)/python -m llava_pipeline.bench.big
 
 clean:
 	rm -rf outputs

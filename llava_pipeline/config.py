@@ -19,7 +19,10 @@ import yaml
 
 QUANT_SCHEMES = ("none", "8da4w")
 EMBEDDING_BITS = (8, "none")
-BUILTIN_SOURCES = ("builtin:tiny",)
+# How int4/int8 scales are chosen: HQQ (scale-only, ExecuTorch's default; ~10 s per 45M-weight
+# linear on 2 cores) or plain per-group min/max ("affine", ~0.3 s, same format and speed).
+QPARAMS = {"hqq": "hqq_scale_only", "affine": "affine"}
+BUILTIN_SOURCES = ("builtin:tiny", "builtin:llava-7b-shape")
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,9 @@ class ModelConfig:
     revision: str | None = None
     # Seed of the built-in random-weight model.
     seed: int = 0
+    # Layer counts of a built-in model (null: the preset's own). Only for builtin sources.
+    text_layers: int | None = None
+    vision_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,17 @@ class QuantConfig:
     group_size: int = 32
     # 8 (int8 per-row token embedding) or "none"
     embedding_bits: Any = 8
+    # hqq | affine (see QPARAMS)
+    qparams: str = "hqq"
 
 
 @dataclass(frozen=True)
 class EmitConfig:
     # Sample image turned into outputs/image.pt (relative to the project root or absolute).
     image: str = "assets/images/coffee.jpg"
+    # Teacher-forced decode steps the .pte verifier compares with the eager model before
+    # publishing (each is a full eager forward pass: a few seconds at 7B on 2 cores).
+    verify_steps: int = 40
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(
             f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)"
         )
+    if q.qparams not in QPARAMS:
+        raise ConfigError(f"quant.qparams: got {q.qparams!r} (allowed: {', '.join(QPARAMS)})")
     if cfg.export.max_seq_len < 2:
         raise ConfigError(f"export.max_seq_len: must be at least 2, got {cfg.export.max_seq_len}")
     src = cfg.model.source
@@ -150,12 +163,23 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
             f"model.source: unknown built-in model {src!r} (allowed: {', '.join(BUILTIN_SOURCES)}, "
             "a hub repo id such as llava-hf/llava-1.5-7b-hf, or a local directory)"
         )
+    for key in ("text_layers", "vision_layers"):
+        n = getattr(cfg.model, key)
+        if n is None:
+            continue
+        if source_kind(src) != "builtin":
+            raise ConfigError(f"model.{key}: only a built-in source's depth can be set, not {src!r}'s (use null)")
+        low = 2 if key == "vision_layers" else 1  # LLaVA-1.5 reads the second-to-last CLIP layer
+        if n < low:
+            raise ConfigError(f"model.{key}: must be at least {low}, got {n}")
     if source_kind(src) == "hub":
         rev = cfg.model.revision or ""
         if not _COMMIT.fullmatch(rev):
             raise ConfigError(
                 f"model.revision: a hub source ({src}) must be pinned to a 40-hex-digit commit, got {rev or None!r}"
             )
+    if cfg.emit.verify_steps < 1:
+        raise ConfigError(f"emit.verify_steps: must be at least 1, got {cfg.emit.verify_steps}")
     if not cfg.emit.image:
         raise ConfigError("emit.image: must name an image file")
     return cfg

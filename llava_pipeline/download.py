@@ -1,6 +1,6 @@
 """Getting an HF-format LLaVA checkpoint into a folder.
 
-Three sources: the built-in tiny random model (`builtin:tiny`), a Hugging Face
+Three sources: a built-in random model (`builtin:tiny`, `builtin:llava-7b-shape`), a Hugging Face
 hub repo pinned to a revision, or a local HF-format directory. Only the hub
 path touches the network, and it honours HF_HUB_OFFLINE and the local HF cache.
 """
@@ -56,19 +56,16 @@ def check_checkpoint(folder: Path) -> dict:
     return cfg
 
 
-def write_builtin_tiny(out: Path, seed: int) -> None:
-    """The built-in tiny random LLaVA, in HF format like llava-hf/llava-1.5-7b-hf:
-    weights and config, the real Llama-2 vocabulary plus <image>/<pad>, and the
-    LLaVA-1.5 image processor settings (336 px shortest edge, bicubic, center crop)."""
+def write_processor_files(out: Path, config) -> None:
+    """Tokenizer and image processor files of an HF LLaVA-1.5 folder: the real Llama-2
+    vocabulary plus <image>/<pad>, and the LLaVA-1.5 image processor settings (336 px
+    shortest edge, bicubic, center crop)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from .tiny import make_tiny_llava
     from .tokenizer import LLAVA_ADDED_TOKENS, make_hf_tokenizer, write_hf_tokenizer
 
-    model = make_tiny_llava(seed)
-    model.save_pretrained(out)
-    size = model.config.vision_config.image_size
+    size = config.vision_config.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
@@ -80,13 +77,41 @@ def write_builtin_tiny(out: Path, seed: int) -> None:
     LlavaProcessor(
         image_processor=image_processor,
         tokenizer=make_hf_tokenizer(TINY_TOKENIZER_MODEL, LLAVA_ADDED_TOKENS),
-        patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
     ).save_pretrained(out)
     image_processor.save_pretrained(out)  # preprocessor_config.json, as llava-hf ships it
     # Last: the processor's save rewrites tokenizer_config.json without `legacy`.
     write_hf_tokenizer(TINY_TOKENIZER_MODEL, out, LLAVA_ADDED_TOKENS)
+
+
+def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = None,
+                  vision_layers: int | None = None) -> None:
+    """A built-in random-weight LLaVA in HF format, like llava-hf/llava-1.5-7b-hf.
+
+    builtin:tiny: tiny widths, fp32, one file (llava_pipeline.tiny).
+    builtin:llava-7b-shape: LLaVA-1.5-7B's widths, bf16 shards (llava_pipeline.synthetic);
+    default depth 2 text + 3 vision layers (of which 2 run)."""
+    if source == "builtin:tiny":
+        from .tiny import make_tiny_llava, tiny_llava_config
+
+        config = tiny_llava_config()
+        if text_layers is not None:
+            config.text_config.num_hidden_layers = text_layers
+        if vision_layers is not None:
+            config.vision_config.num_hidden_layers = vision_layers
+        model = make_tiny_llava(seed, config)
+        model.save_pretrained(out)
+        write_processor_files(out, model.config)
+    elif source == "builtin:llava-7b-shape":
+        import torch
+
+        from .synthetic import llava_7b_config, write_checkpoint
+
+        write_checkpoint(out, llava_7b_config(text_layers or 2, vision_layers or 3), seed, torch.bfloat16)
+    else:
+        raise PipelineError(f"model.source: unknown built-in model {source!r}")
 
 
 def _copy_matching(src: Path, out: Path) -> None:

@@ -174,22 +174,109 @@ def check_delegation(summary: dict, quantized: bool) -> None:
 def save_edge(edge, out_dir: Path) -> None:
     """Serialize each lowered edge program (exir serde) for the next stage.
 
-    Three things would make identical programs serialize to different bytes: node
-    metadata that records where it came from (`from_node` holds the Python id() of
-    each graph it passed through, `stack_trace` absolute source paths) and the zip
-    entries' timestamps. All are neutralized, so the same inputs give the same
-    bytes in any checkout and DVC's downstream caching holds.
-    """
-    import io
+    Size: exir serde stores delegate data base64-encoded inside one JSON document, and
+    each delegate keeps its pre-lowering program with a copy of the weights. At 7B that
+    is tens of GB of text in memory. So, per method, the delegates' named data (the
+    packed weights) goes to `<method>.blobs` as raw bytes (`<method>.blobs.json` says
+    where), and each delegate's original program keeps its graph but not its weights
+    (tensors of the same shape over a one-element storage): the emitter reads only that
+    graph's debug handles. Both are restored by `load_edge`.
 
-    from executorch.exir.serde.serialize import save
+    Determinism: node metadata that records where it came from (`from_node` holds the
+    Python id() of each graph it passed through, `stack_trace` absolute source paths)
+    and zip timestamps would make identical programs differ; all are neutralized, so the
+    same inputs give the same bytes in any checkout and DVC's downstream caching holds.
+    """
+    import zipfile
+
+    from executorch.exir.serde.serialize import SCHEMA_VERSION, serialize
 
     for name in edge.methods:
         program = edge.exported_program(name)
         _strip_unstable_metadata(program)
-        buf = io.BytesIO()
-        save(program, buf)
-        (out_dir / f"{name}.pt2").write_bytes(_zip_without_timestamps(buf.getvalue()))
+        with _blobs_moved_out(program, out_dir / f"{name}.blobs"):
+            artifact = serialize(program)
+        # The entries exir serde's save() writes, with fixed timestamps, straight to disk.
+        entries = (
+            ("serialized_exported_program.json", artifact.exported_program),
+            ("serialized_state_dict.pt", artifact.state_dict),
+            ("serialized_constants.pt", artifact.constants),
+            ("serialized_example_inputs.pt", artifact.example_inputs),
+            ("version", ".".join(map(str, SCHEMA_VERSION)).encode()),
+        )
+        del artifact
+        with zipfile.ZipFile(out_dir / f"{name}.pt2", "w") as zf:
+            for entry, data in entries:
+                info = zipfile.ZipInfo(entry, date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o600 << 16
+                zf.writestr(info, data)
+
+
+def _lowered_modules(program: ExportedProgram) -> list:
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    return sorted(
+        ((n, m) for n, m in program.graph_module.named_children() if isinstance(m, LoweredBackendModule)),
+        key=lambda item: item[0],
+    )
+
+
+class _blobs_moved_out:
+    """Within the block, delegates' named-data buffers live in `path` (raw, with a JSON
+    index) and their original programs' weights are placeholders; restored on exit."""
+
+    def __init__(self, program: ExportedProgram, path: Path):
+        self.program, self.path = program, path
+        self.saved: list = []
+
+    def __enter__(self):
+        import json
+
+        index, offset = [], 0
+        with open(self.path, "wb") as f:
+            for mod_name, lowered in _lowered_modules(self.program):
+                store = lowered.named_data_store_output
+                if store is not None:
+                    for i, buf in enumerate(store.buffers):
+                        data = bytes(buf)
+                        f.write(data)
+                        index.append([mod_name, i, offset, len(data)])
+                        offset += len(data)
+                        self.saved.append((store.buffers, i, buf))
+                        store.buffers[i] = b""
+                original = lowered.original_module
+                for table in (original._state_dict, original._constants):
+                    for key, value in list(table.items()):
+                        if type(value) in (torch.Tensor, torch.nn.Parameter) and value.numel() > 1:
+                            self.saved.append((table, key, value))
+                            table[key] = _placeholder(value)
+        self.path.with_suffix(".blobs.json").write_text(json.dumps(index) + "\n")
+        return self
+
+    def __exit__(self, *exc):
+        for container, key, value in reversed(self.saved):
+            container[key] = value
+        return False
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """Same shape and dtype, one element of storage (torch.save keeps the strides)."""
+    stub = torch.zeros((), dtype=t.dtype).expand(t.shape)
+    return torch.nn.Parameter(stub, requires_grad=False) if isinstance(t, torch.nn.Parameter) else stub
+
+
+def _restore_blobs(program: ExportedProgram, path: Path) -> None:
+    import json
+
+    modules = dict(_lowered_modules(program))
+    index = json.loads(path.with_suffix(".blobs.json").read_text())
+    with open(path, "rb") as f:
+        for mod_name, i, offset, size in index:
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: truncated (entry {mod_name}[{i}] at {offset}+{size})")
+            modules[mod_name].named_data_store_output.buffers[i] = data
 
 
 _UNSTABLE_META = ("from_node", "stack_trace")
@@ -208,20 +295,6 @@ def _strip_unstable_metadata(program: ExportedProgram) -> None:
             _strip_unstable_metadata(original)
 
 
-def _zip_without_timestamps(data: bytes) -> bytes:
-    import io
-    import zipfile
-
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
-        for info in src.infolist():
-            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
-            fixed.external_attr = info.external_attr
-            fixed.compress_type = info.compress_type
-            dst.writestr(fixed, src.read(info.filename))
-    return out.getvalue()
-
-
 def load_edge(in_dir: Path, constants: dict):
     """Inverse of save_edge: an EdgeProgramManager ready for to_executorch()."""
     from executorch.exir import EdgeProgramManager
@@ -233,11 +306,24 @@ def load_edge(in_dir: Path, constants: dict):
     for name in METHODS:
         with open(in_dir / f"{name}.pt2", "rb") as f:
             programs[name] = load(f)
+        _restore_blobs(programs[name], in_dir / f"{name}.blobs")
     return EdgeProgramManager(programs, constant_methods=constants, compile_config=_compile_config())
 
 
+def write_executorch(edge, path: Path) -> None:
+    """Memory planning and serialization to `path`; delegate payloads as separate
+    segments, streamed to the file (no contiguous copy of the whole program)."""
+    with open(path, "wb") as f:
+        to_executorch(edge).write_to_file(f)
+
+
 def to_executorch_buffer(edge) -> bytes:
-    """Memory planning and serialization; delegate payloads as separate segments."""
+    """The program as bytes (tests; stages use `write_executorch`)."""
+    return to_executorch(edge).buffer
+
+
+def to_executorch(edge):
+    """Memory planning and emission; delegate payloads as separate segments."""
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -251,4 +337,4 @@ def to_executorch_buffer(edge) -> bytes:
             sym_shape_eval_pass={m: ConstraintBasedSymShapeEvalPass() for m in METHODS},
         )
     )
-    return et.buffer
+    return et

@@ -1,7 +1,7 @@
 """Stage-boundary I/O for the model: what source_transform writes and later stages rebuild.
 
-A transformed model is stored as its weights (`model.safetensors`, this
-project's key names) plus `model_args.json` (the architecture, max_seq_len and
+A transformed model is stored as its weights (safetensors shards with an
+HF-style index, this project's key names) plus `model_args.json` (the architecture, max_seq_len and
 the source transforms to re-apply). Rebuilding happens on the meta device, so
 no random-init copy of a large model is ever allocated.
 """
@@ -20,7 +20,10 @@ from .stage import PipelineError, read_json
 
 SOURCE_TRANSFORMS = ("custom_kv_cache", "custom_sdpa")
 ARGS_FILE = "model_args.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # single-file form (read only)
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model-{:05d}.safetensors"
+SHARD_BYTES = 2 << 30
 # Room a prompt needs besides the image: BOS, "USER: ", "\n", a short question,
 # " ASSISTANT:" and at least one answer token.
 MIN_TEXT_TOKENS = 16
@@ -52,7 +55,8 @@ def hf_model_args(ckpt: Path, max_seq_len: int) -> ModelArgs:
 
 
 def transform_checkpoint(ckpt: Path, max_seq_len: int):
-    """Load the HF checkpoint into this project's model and apply the source transforms."""
+    """Load the HF checkpoint into this project's model and apply the source transforms
+    (in memory, fp32: for tests and small models; the stage streams, see `write_transformed`)."""
     from .convert import load_checkpoint
 
     args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
@@ -65,6 +69,72 @@ def transform_checkpoint(ckpt: Path, max_seq_len: int):
     return model, args
 
 
+class _ShardWriter:
+    """Safetensors shards of at most `shard_bytes` plus an HF-style index, written as
+    tensors arrive, so that at most one shard is in memory."""
+
+    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + n > self.shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.size += n
+        self.total += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = SHARD_PATTERN.format(len(set(self.weight_map.values())) + 1)
+        save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.weight_map:
+            self._flush()
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_transformed(ckpt: Path, max_seq_len: int, out: Path, shard_bytes: int = SHARD_BYTES) -> ModelArgs:
+    """The source_transform stage: checkpoint -> this project's weight names, streamed.
+
+    The transforms swap modules, not weights, so they are applied to a meta-device model
+    (checked there) and the weights are renamed tensor by tensor, shape-checked against
+    that model and kept in the checkpoint's dtype (bf16/fp16 stay 2 bytes: nothing is
+    lost, later stages upcast what they keep in fp32). Memory: one shard."""
+    from .convert import KeyMapper, iter_safetensors, safetensors_files
+
+    args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
+    model = empty_model(args)
+    check_custom_ops(model, SOURCE_TRANSFORMS)
+    shapes = {k: v.shape for k, v in model.state_dict().items() if not _is_state(k)}
+    mapper = KeyMapper(args)
+    writer = _ShardWriter(out, shard_bytes)
+    try:
+        for hf_key, tensor in iter_safetensors(safetensors_files(ckpt)):
+            ours = mapper(hf_key)
+            if ours is None:
+                continue
+            if tensor.shape != shapes[ours]:
+                raise ValueError(f"checkpoint key {hf_key!r}: shape {list(tensor.shape)}, "
+                                 f"expected {list(shapes[ours])} for {ours}")
+            writer.add(ours, tensor)
+        mapper.check_complete()
+    except (OSError, ValueError, KeyError) as e:  # corrupt/truncated shard, missing tensor
+        raise PipelineError(f"{ckpt}: checkpoint weights unusable: {e}") from None
+    writer.close()
+    write_args(args, out)
+    return args
+
+
 def write_args(args: ModelArgs, out: Path) -> None:
     data = {"model_args": args.to_dict(), "source_transforms": list(SOURCE_TRANSFORMS)}
     (out / ARGS_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -75,10 +145,12 @@ def load_args(folder: Path) -> ModelArgs:
 
 
 def save_transformed(model: LlavaModel, args: ModelArgs, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not _is_state(k)}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    """An in-memory transformed model in the stage's format (tests)."""
+    writer = _ShardWriter(out)
+    for k, v in model.state_dict().items():
+        if not _is_state(k):
+            writer.add(k, v)
+    writer.close()
     write_args(args, out)
 
 
@@ -89,14 +161,12 @@ def empty_model(args: ModelArgs) -> LlavaModel:
     return apply_source_transforms(model, SOURCE_TRANSFORMS)
 
 
-def fill_model(model: LlavaModel, state: dict) -> LlavaModel:
-    """Assign weights, then materialize and reset run-time buffers (caches, rope, mean/std)."""
-    result = model.load_state_dict(state, assign=True, strict=False)
-    missing = [k for k in result.missing_keys if not _is_state(k)]
-    if missing or result.unexpected_keys:
-        raise PipelineError(
-            f"weights do not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
+def _finish(model: LlavaModel) -> LlavaModel:
+    """Materialize and reset run-time buffers (caches, rope, mean/std); check no weight is
+    left on the meta device."""
+    meta = [k for k, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise PipelineError(f"weights do not match the model: missing {meta[:3]}")
     for module in model.modules():
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:  # run-time buffers are recomputed by reset_buffers below
@@ -107,6 +177,17 @@ def fill_model(model: LlavaModel, state: dict) -> LlavaModel:
     return model.eval()
 
 
+def fill_model(model: LlavaModel, state: dict) -> LlavaModel:
+    """Assign weights, then materialize and reset run-time buffers."""
+    result = model.load_state_dict(state, assign=True, strict=False)
+    missing = [k for k in result.missing_keys if not _is_state(k)]
+    if missing or result.unexpected_keys:
+        raise PipelineError(
+            f"weights do not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    return _finish(model)
+
+
 def decoder_in_features(args: ModelArgs) -> dict[str, int]:
     """in_features of every text-decoder linear (lm_head included), without weights."""
     from .quantize import decoder_linears
@@ -114,15 +195,66 @@ def decoder_in_features(args: ModelArgs) -> dict[str, int]:
     return {k: m.in_features for k, m in decoder_linears(empty_model(args)).items()}
 
 
-def load_transformed(folder: Path) -> LlavaModel:
-    from safetensors.torch import load_file
+def load_units(model: LlavaModel) -> list[str]:
+    """The pieces a model is loaded (and quantized) in, one at a time: each decoder layer,
+    the lm_head, the token embedding, and the rest. At 7B the largest is one layer's
+    ~0.8 GB of fp32 weights (or the 0.5 GB embedding table)."""
+    n = model.args.text.num_layers
+    return ["vision_encoder", "token_embedding", *(f"text_decoder.layers.{i}" for i in range(n)),
+            "text_decoder.norm", "text_decoder.output"]
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Our key -> the safetensors file holding it (sharded format or a single file)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index)["weight_map"]
+        return {k: folder / v for k, v in weight_map.items()}
+    from safetensors import safe_open
+
+    single = folder / WEIGHTS_FILE
+    if not single.is_file():
+        raise PipelineError(f"{folder}: no {INDEX_FILE} or {WEIGHTS_FILE}")
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def load_transformed(folder: Path, on_unit=None, dtype: torch.dtype = torch.float32) -> LlavaModel:
+    """Rebuild the transformed model from source_transform's folder, one unit at a time
+    (`load_units`), each upcast to `dtype` and then handed to `on_unit(name, model)`,
+    which may replace it in place (the quantize stage quantizes it there), before the
+    next unit is read. Peak memory: the finished units plus one unit in `dtype`."""
+    from safetensors import safe_open
 
     args = load_args(folder)
+    model = empty_model(args)
+    files = weight_files(folder)
+    handles = {}
     try:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except Exception as e:
-        raise PipelineError(f"{folder / WEIGHTS_FILE}: unreadable ({e})") from None
-    return fill_model(empty_model(args), state)
+        for unit in load_units(model):
+            module = model.get_submodule(unit)
+            keys = [k for k in files if k.startswith(unit + ".")]
+            state = {}
+            for key in keys:
+                path = files[key]
+                if path not in handles:
+                    handles[path] = safe_open(str(path), framework="pt")
+                state[key[len(unit) + 1:]] = handles[path].get_tensor(key).to(dtype)
+            result = module.load_state_dict(state, assign=True, strict=False)
+            missing = [k for k in result.missing_keys if not _is_state(k)]
+            if missing or result.unexpected_keys:
+                raise PipelineError(f"{folder}: weights of {unit} do not match the model: "
+                                    f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+            del state
+            if on_unit is not None:
+                on_unit(unit, model)
+    except PipelineError:
+        raise
+    except Exception as e:  # truncated/corrupt shard
+        raise PipelineError(f"{folder}: weights unreadable ({e})") from None
+    finally:
+        handles.clear()
+    return _finish(model)
 
 
 def load_quantized(folder: Path):

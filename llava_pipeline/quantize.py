@@ -10,10 +10,13 @@ lowers to `quantized_decomposed::embedding_byte`).
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 from torch import nn
 
-from .config import ConfigError, QuantConfig
+from .config import QPARAMS, ConfigError, QuantConfig
 
 
 def decoder_linears(model) -> dict[str, nn.Linear]:
@@ -38,30 +41,48 @@ def check_group_size(in_features: dict[str, int], quant: QuantConfig) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model, quant: QuantConfig):
-    """Quantize `model` in place per `quant`; returns it."""
-    check_group_size({k: m.in_features for k, m in decoder_linears(model).items()}, quant)
-    if quant.scheme == "8da4w":
+def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
+    """Quantize one load unit of `model` (see model_io.load_units) in place, per `quant`:
+    the decoder layers and lm_head get 8da4w, the token embedding int8; the rest stays."""
+    if quant.scheme == "8da4w" and unit.startswith(("text_decoder.layers.", "text_decoder.output")):
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerGroup
 
-        quantize_(
-            model.text_decoder,
-            Int8DynamicActivationIntxWeightConfig(
-                weight_dtype=torch.int4,
-                weight_granularity=PerGroup(quant.group_size),
-                intx_choose_qparams_algorithm="hqq_scale_only",
-            ),
-            filter_fn=lambda m, fqn: isinstance(m, nn.Linear),
+        module = model.get_submodule(unit)
+        check_group_size({f"{unit}.{k}" if k else unit: m.in_features
+                          for k, m in module.named_modules() if isinstance(m, nn.Linear)}, quant)
+        config = Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4,
+            weight_granularity=PerGroup(quant.group_size),
+            intx_choose_qparams_algorithm=QPARAMS[quant.qparams],
         )
-    if quant.embedding_bits == 8:
+        if isinstance(module, nn.Linear):  # quantize_ walks children; give it a parent
+            holder = nn.Sequential(module)
+            quantize_(holder, config)
+            model.text_decoder.output = holder[0]
+        else:
+            quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    elif unit == "token_embedding" and quant.embedding_bits == 8:
         from executorch.examples.models.llama.source_transformation.quantize import (
             EmbeddingQuantHandler,
         )
 
         holder = _EmbeddingHolder(model)
-        EmbeddingQuantHandler(holder, bitwidth=8, group_size=None, packed=False).quantized_model()
+        handler = EmbeddingQuantHandler(holder, bitwidth=8, group_size=None, packed=False,
+                                        quantize_with_hqq=quant.qparams == "hqq")
+        with contextlib.redirect_stdout(sys.stderr):  # it prints a progress line
+            handler.quantized_model()
         model.token_embedding = holder.token_embedding
+
+
+@torch.no_grad()
+def quantize_model(model, quant: QuantConfig):
+    """Quantize a whole in-memory `model` in place per `quant`; returns it."""
+    from .model_io import load_units
+
+    check_group_size({k: m.in_features for k, m in decoder_linears(model).items()}, quant)
+    for unit in load_units(model):
+        quantize_unit(unit, model, quant)
     return model
 
 

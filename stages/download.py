@@ -14,7 +14,7 @@ def body(ctx: stage.StageContext) -> None:
     kind = source_kind(m.source)
     if kind == "builtin":
         ctx.read("tokenizer_model", download.TINY_TOKENIZER_MODEL)
-        download.write_builtin_tiny(ctx.out, seed=m.seed)
+        download.write_builtin(ctx.out, m.source, m.seed, m.text_layers, m.vision_layers)
     elif kind == "local":
         download.copy_local(Path(m.source), ctx.out)
     else:

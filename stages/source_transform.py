@@ -10,8 +10,7 @@ from llava_pipeline import model_io, stage
 
 def body(ctx: stage.StageContext) -> None:
     ckpt = ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
-    model, args = model_io.transform_checkpoint(ckpt, ctx.cfg.export.max_seq_len)
-    model_io.save_transformed(model, args, ctx.out)
+    model_io.write_transformed(ckpt, ctx.cfg.export.max_seq_len, ctx.out)
     ctx.extra["source_transforms"] = list(model_io.SOURCE_TRANSFORMS)
 
 

@@ -11,7 +11,7 @@ def body(ctx: stage.StageContext) -> None:
     pdir = ctx.read("edge_programs", stage.upstream("partition", ctx.outputs))
     constants = stage.read_json(pdir / "constant_methods.json")
     edge = export.load_edge(pdir, constants)
-    (ctx.out / "model.pte").write_bytes(export.to_executorch_buffer(edge))
+    export.write_executorch(edge, ctx.out / "model.pte")
     ctx.extra["constant_methods"] = constants
     ctx.extra["xnnpack_workspace_sharing"] = export.WORKSPACE_SHARING
 

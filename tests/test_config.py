@@ -71,12 +71,29 @@ def test_bad_override_names_the_key(override, needle):
         ("quant.embedding_bits=4", "quant.embedding_bits"),
         ("model.source=builtin:huge", "model.source: unknown built-in model"),
         ("export.max_seq_len=1", "export.max_seq_len"),
+        ("quant.qparams=gptq", "quant.qparams: got 'gptq' (allowed: hqq, affine)"),
+        ("emit.verify_steps=0", "emit.verify_steps: must be at least 1"),
+        ("model.vision_layers=1", "model.vision_layers: must be at least 2"),
+        ("model.text_layers=0", "model.text_layers: must be at least 1"),
     ],
 )
 def test_invalid_values_are_rejected_with_allowed_values(override, needle):
     with pytest.raises(config.ConfigError) as e:
         config.validate(config.from_dict(config.apply_overrides(_base(), [override])))
     assert needle in str(e.value)
+
+
+def test_depth_only_for_builtin_sources(tmp_path):
+    data = config.apply_overrides(_base(), [f"model.source={tmp_path}", "model.text_layers=4"])
+    with pytest.raises(config.ConfigError, match="model.text_layers: only a built-in source"):
+        config.validate(config.from_dict(data))
+
+
+def test_7b_shape_preset_composes():
+    data = params.compose(CONF, ["model=llava-7b-shape"])
+    cfg = config.validate(config.from_dict(data))
+    assert (cfg.model.source, cfg.model.text_layers, cfg.model.vision_layers) == ("builtin:llava-7b-shape", 2, 3)
+    assert cfg.quant.group_size == 128
 
 
 def test_embedding_bits_accepts_none():

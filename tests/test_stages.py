@@ -38,7 +38,8 @@ def _error_line(proc) -> str:
 def test_builtin_download_manifest(tiny_ckpt):
     manifest = json.loads((tiny_ckpt / "manifest.json").read_text())
     assert manifest["stage"] == "download" and manifest["source_kind"] == "builtin"
-    assert manifest["config"] == {"model": {"name": "tiny", "source": "builtin:tiny", "revision": None, "seed": 0}}
+    assert manifest["config"] == {"model": {"name": "tiny", "source": "builtin:tiny", "revision": None, "seed": 0,
+                                            "text_layers": None, "vision_layers": None}}
     assert manifest["outputs"]["model.safetensors"] == stage.sha256_file(tiny_ckpt / "model.safetensors")
     assert "tokenizer_model" in manifest["inputs"] and "torch" in manifest["packages"]
     # No absolute paths or timestamps in a manifest.

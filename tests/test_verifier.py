@@ -126,7 +126,10 @@ def test_tampered_decoder_weights_fail(export_fp32, tmp_path, capsys):
     from safetensors.torch import load_file
 
     pte = _copy_export(export_fp32, tmp_path)
-    weights = load_file(str(export_fp32 / "source_transform" / "model.safetensors"))
+    from llava_pipeline.model_io import weight_files
+
+    files = weight_files(export_fp32 / "source_transform")
+    weights = load_file(str(files["text_decoder.output.weight"]))
     weight = weights["text_decoder.output.weight"]
     data = bytearray(pte.read_bytes())
     raw = weight.numpy().tobytes()

@@ -1,0 +1,156 @@
+"""`make bench`: export cost and run-time speed beside transformers, in one run.
+
+For each model preset (default: tiny and llava-7b-shape) the pipeline is run twice in
+scratch projects under outputs/bench/work/: quant.scheme=none (fp32) and the preset's
+8da4w. For the 7B-shape preset it also runs an 8da4w export one text and one vision layer
+deeper, so that per-layer costs are measured, not assumed, and scales them to the real
+32 text + 24 vision layers. Then the run-time side (llava_pipeline.bench.runtime) times
+both .pte files in ExecuTorch's MultimodalRunner and transformers eager fp32/bf16 on the
+same weights, image and prompt, with the memory bandwidth measured in the same run.
+Writes outputs/bench/{export,runtime}.json (DVC metrics), results.md and plot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from . import export_cost, report
+
+FULL_TEXT_LAYERS, FULL_VISION_LAYERS = 32, 24
+
+
+def machine() -> dict:
+    import psutil
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+
+
+def _depth(params: dict) -> tuple[int, int]:
+    return params["model"]["text_layers"], params["model"]["vision_layers"]
+
+
+def extrapolate(base: dict, deeper: dict, base_depth, deeper_depth, seq_len: int, kv_width: int,
+                runtime_rss_mb: float | None) -> dict:
+    """Per-layer costs from two exports differing by one text and one vision layer.
+
+    Bytes split exactly by method (decoder vs vision encoder); export time is one number
+    for both, so it is split in proportion to the layers' bytes (a stated approximation)."""
+    dt, dv = deeper_depth[0] - base_depth[0], deeper_depth[1] - base_depth[1]
+    text_b = (deeper["method_bytes"]["text_decoder"] - base["method_bytes"]["text_decoder"]) / dt
+    vis_b = (deeper["method_bytes"]["vision_encoder"] - base["method_bytes"]["vision_encoder"]) / dv
+    t_base = sum(s["process_wall_s"] for s in base["stages"].values())
+    t_deep = sum(s["process_wall_s"] for s in deeper["stages"].values())
+    per_pair = max(t_deep - t_base, 0.0)
+    text_s = per_pair * text_b / (text_b + vis_b) / dt
+    vis_s = per_pair * vis_b / (text_b + vis_b) / dv
+    add_t, add_v = FULL_TEXT_LAYERS - base_depth[0], FULL_VISION_LAYERS - base_depth[1]
+    kv = 2 * seq_len * kv_width * 4  # fp32 K and V cache per text layer
+    out = {
+        "full_text_layers": FULL_TEXT_LAYERS, "full_vision_layers": FULL_VISION_LAYERS,
+        "text_layer_bytes": round(text_b), "vision_layer_bytes": round(vis_b),
+        "pte_bytes": base["pte_bytes"], "full_pte_bytes": round(base["pte_bytes"] + add_t * text_b + add_v * vis_b),
+        "text_layer_export_s": round(text_s, 2), "vision_layer_export_s": round(vis_s, 2),
+        "export_s": round(t_base, 1), "full_export_s": round(t_base + add_t * text_s + add_v * vis_s, 1),
+        "seq_len": seq_len, "kv_bytes_per_layer": kv,
+    }
+    if runtime_rss_mb is not None:
+        out["runtime_rss_mb"] = runtime_rss_mb
+        out["full_runtime_rss_mb"] = round(runtime_rss_mb + (add_t * (text_b + kv) + add_v * vis_b) / 2**20, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="export and run-time benchmark")
+    ap.add_argument("--models", default="tiny,llava-7b-shape")
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-export", action="store_true", help="reuse the scratch exports already there")
+    ap.add_argument("--skip-runtime", action="store_true")
+    ap.add_argument("--image", type=Path, default=Path("assets/images/coffee.jpg"))
+    ap.add_argument("--prompt", default="What is shown in this picture?")
+    args = ap.parse_args(argv)
+    out, work = args.out, args.out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    runs, params = {}, {}
+    for model in args.models.split(","):
+        plans = [("fp32", [f"model={model}", "quant.scheme=none", "quant.embedding_bits=none"], None),
+                 ("8da4w", [f"model={model}"], "fp32")]
+        p = export_cost.compose(export_cost.ROOT / "conf", [f"model={model}"])
+        if p["model"]["text_layers"] is not None:  # built-in with a depth: measure one layer more
+            t, v = _depth(p)
+            plans.append(("8da4w-deeper", [f"model={model}", f"model.text_layers={t + 1}",
+                                           f"model.vision_layers={v + 1}"], None))
+        for variant, overrides, reuse in plans:
+            key = f"{model}/{variant}"
+            folder = work / f"{model}-{variant}"
+            params[key] = export_cost.make_project(folder, overrides)
+            if args.skip_export and (folder / "outputs" / "llava.pte").is_file():
+                runs[key] = export_cost.collect(folder / "outputs", reused=reuse is not None)
+            else:
+                log(f"export {key}")
+                runs[key] = export_cost.run_export(folder, overrides, work / f"{model}-{reuse}" if reuse else None,
+                                                   log=log)
+            runs[key]["config"] = {s: params[key][s] for s in ("model", "quant")}
+    export = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
+    runtime = None
+    if not args.skip_runtime:
+        from . import runtime as rt
+
+        rows, extra = [], {}
+        for model in args.models.split(","):
+            log(f"run time {model}")
+            pairs = [(v, work / f"{model}-{v}" / "outputs") for v in ("fp32", "8da4w")]
+            result = rt.measure_all(
+                [(label, o / "llava.pte") for label, o in pairs],
+                tokenizer=pairs[1][1] / "tokenizer.bin",
+                checkpoint=pairs[0][1] / "download",
+                image=args.image, prompt=args.prompt, decode_tokens=args.decode_tokens,
+                repeats=args.repeats,
+            )
+            for r in result["rows"]:
+                r["model"] = model
+            rows += result["rows"]
+            extra = {k: v for k, v in result.items() if k != "rows"}
+        runtime = {**extra, "kind": "runtime", "machine": export["machine"], "rows": rows}
+    for model in args.models.split(","):
+        if f"{model}/8da4w-deeper" not in runs:
+            continue
+        base, deep = f"{model}/8da4w", f"{model}/8da4w-deeper"
+        rss = None
+        if runtime is not None:
+            rss = next((r["rss_above_base_mb"] for r in runtime["rows"]
+                        if r["model"] == model and r["engine"] == "executorch" and r["variant"] == "8da4w"), None)
+        from ..model_io import load_args
+
+        text = load_args(work / f"{model}-8da4w" / "outputs" / "source_transform").text
+        export["extrapolation"][model] = extrapolate(
+            runs[base], runs[deep], _depth(params[base]), _depth(params[deep]),
+            params[base]["export"]["max_seq_len"], text.num_kv_heads * text.head_dim, rss)
+    (out / "export.json").write_text(json.dumps(export, indent=2, sort_keys=True) + "\n")
+    if runtime is not None:
+        (out / "runtime.json").write_text(json.dumps(runtime, indent=2, sort_keys=True) + "\n")
+    report.write(out)
+    log(f"done: {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

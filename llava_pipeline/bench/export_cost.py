@@ -1,0 +1,80 @@
+"""Export side of the benchmark: run the pipeline's stages in a scratch project and
+collect wall time and peak RSS per stage and the .pte's bytes per method.
+
+Each export runs in its own folder (`conf/` and `assets/` linked from the project,
+`params.yaml` composed from `conf/` with the given overrides), stage by stage as a
+user would run them (`python -m stages.<name>`), so the numbers are the stages' own
+`outputs/metrics/<stage>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..params import compose, dump  # noqa: F401  (compose: used by the CLI)
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("download", "source_transform", "quantize", "partition", "to_executorch", "emit")
+
+
+def make_project(work: Path, overrides: list[str]) -> dict:
+    """A scratch project in `work`; returns its composed params."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("conf", "assets"):
+        link = work / name
+        if not link.exists():
+            os.symlink(ROOT / name, link)
+    params = compose(ROOT / "conf", overrides)
+    (work / "params.yaml").write_text(dump(params))
+    return params
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=os.link)
+
+
+def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=print) -> dict:
+    """Run all stages in `work`. `reuse`: a finished scratch project with the same model
+    and export settings whose download and source_transform outputs are linked instead
+    of recomputed (their cost is that project's). Returns per-stage metrics and sizes."""
+    make_project(work, overrides)
+    outputs = work / "outputs"
+    if outputs.exists():
+        shutil.rmtree(outputs)
+    (outputs / "metrics").mkdir(parents=True)
+    stages = STAGES
+    if reuse is not None:
+        for name in ("download", "source_transform"):
+            _link_tree(reuse / "outputs" / name, outputs / name)
+        stages = STAGES[2:]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    for name in stages:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=work, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{work.name}: stage {name} failed:\n{proc.stderr[-3000:]}")
+        log(f"  {work.name}: {name} {time.perf_counter() - t0:.1f} s")
+    return collect(outputs, reused=reuse is not None)
+
+
+def collect(outputs: Path, reused: bool = False) -> dict:
+    from .ptesize import method_bytes
+
+    stages = {}
+    for name in STAGES:
+        if reused and name in ("download", "source_transform"):
+            continue
+        stages[name] = json.loads((outputs / "metrics" / f"{name}.json").read_text())
+    pte = outputs / "llava.pte"
+    return {
+        "stages": stages,
+        "pte_bytes": pte.stat().st_size,
+        "method_bytes": method_bytes(pte),
+    }

@@ -1,0 +1,200 @@
+"""Turn the benchmark's JSON files in outputs/bench/ into results.md and plot.png.
+
+Inputs (whichever exist): export.json (`make bench`), runtime.json (`make bench`),
+peers.json (`make bench-peers`), 7b.json (`make bench-7b`). The targets the project
+holds itself to are checked here, against the 8da4w row of the 7B-shape preset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MB = 1 << 20
+# (name, our metric, peer metric, how: "ge" ratio >= x | "le" ratio <= x, x)
+TARGETS = (
+    ("decode vs llama.cpp Q4_0", "text_decode_tok_s", "decode_tok_s", "ge", 1.25),
+    ("prefill vs llama.cpp Q4_0 (600 tokens)", "text_prefill600_s", "prefill_s", "speedup", 2.0),
+    ("run-time RSS vs llama.cpp Q4_0", "rss_above_base_mb", "rss_above_base_mb", "le", 1.0),
+)
+BANDWIDTH_TARGET = 0.80
+
+
+def load(folder: Path) -> dict:
+    out = {}
+    for name in ("export", "runtime", "peers", "7b"):
+        p = folder / f"{name}.json"
+        if p.is_file():
+            out[name] = json.loads(p.read_text())
+    return out
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _table(headers: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return lines + [""]
+
+
+def export_section(export: dict) -> list[str]:
+    lines = ["## Export cost (per stage: wall s / peak RSS MiB)", ""]
+    stages = ("download", "source_transform", "quantize", "partition", "to_executorch", "emit")
+    rows = []
+    for key, run in export["runs"].items():
+        cells = []
+        for s in stages:
+            m = run["stages"].get(s)
+            cells.append(f"{m['process_wall_s']:.1f} / {m['peak_rss_mb']:.0f}" if m else "shared")
+        methods = run["method_bytes"]
+        rows.append([key, *cells, run["pte_bytes"] / MB,
+                     *(methods.get(m, 0) / MB for m in ("vision_encoder", "token_embedding", "text_decoder"))])
+    lines += _table(["export", *stages, ".pte MiB", "vision MiB", "embedding MiB", "decoder MiB"], rows)
+    for model, x in export.get("extrapolation", {}).items():
+        lines += [f"### {model}: per layer, and scaled to LLaVA-1.5-7B ({x['full_text_layers']} text + "
+                  f"{x['full_vision_layers']} vision layers)", ""]
+        lines += _table(["quantity", "per text layer", "per vision layer", "measured", "full 7B (extrapolated)"], [
+            [".pte MiB", x["text_layer_bytes"] / MB, x["vision_layer_bytes"] / MB,
+             x["pte_bytes"] / MB, x["full_pte_bytes"] / MB],
+            ["export wall s (all stages)", x["text_layer_export_s"], x["vision_layer_export_s"],
+             x["export_s"], x["full_export_s"]],
+        ])
+        if "full_runtime_rss_mb" in x:
+            lines += [f"Run-time footprint at seq_len {x['seq_len']}, scaled: {x['full_runtime_rss_mb'] / 1024:.2f} GiB "
+                      f"(measured {x['runtime_rss_mb']:.0f} MiB above baseline + per-layer weights + "
+                      f"{x['kv_bytes_per_layer'] / MB:.0f} MiB KV cache per text layer); the seed reports ~5 GiB.", ""]
+    return lines
+
+
+def runtime_section(rt: dict, title: str) -> list[str]:
+    lines = [f"## {title}", "",
+             f"{rt.get('threads')} threads; memory read bandwidth measured in the same run: "
+             f"{_fmt(rt.get('bandwidth_gb_s'), 1)} GB/s.", ""]
+    rows = []
+    for r in rt["rows"]:
+        rows.append([r.get("model", ""), r["engine"], r["variant"], r.get("image_encode_s"), r.get("prefill_s"),
+                     r.get("prompt_tokens"), r.get("decode_tok_s"), r.get("text_prefill600_s"),
+                     r.get("text_decode_tok_s"), r.get("bandwidth_limit_tok_s"), r.get("fraction_of_limit"),
+                     r.get("rss_above_base_mb")])
+    lines += _table(["model", "engine", "variant", "image encode s", "prefill s (image+prompt)", "prompt tokens",
+                     "decode tok/s", "text prefill 600 s", "text decode tok/s", "bandwidth limit tok/s",
+                     "fraction of limit", "RSS above base MiB"], rows)
+    return lines
+
+
+def peers_section(peers: dict) -> list[str]:
+    lines = ["## llama.cpp on the same text weights", "",
+             f"{peers['threads']} threads, {peers['prompt_tokens']}-token prefill, "
+             f"{peers['decode_tokens']} decode tokens.", ""]
+    rows = [[r["engine"], r["variant"], r.get("file_mb"), r.get("prefill_s"), r.get("prefill_tok_s"),
+             r.get("decode_tok_s"), r.get("rss_above_base_mb")] for r in peers["rows"]]
+    return lines + _table(["engine", "variant", "file MiB", "prefill s", "prefill tok/s", "decode tok/s",
+                           "RSS above base MiB"], rows)
+
+
+def targets(data: dict) -> list[dict]:
+    """The project's targets on the 7B-shape preset: ours (8da4w) against llama.cpp Q4_0."""
+    rt, peers = data.get("runtime"), data.get("peers")
+    ours = next((r for r in (rt or {}).get("rows", [])
+                 if r["engine"] == "executorch" and r["variant"] == "8da4w" and r.get("model") == "llava-7b-shape"), None)
+    q4 = next((r for r in (peers or {}).get("rows", []) if r["variant"] == "Q4_0"), None)
+    out = []
+    if ours is not None and ours.get("fraction_of_limit") is not None:
+        out.append({"target": "decode vs bandwidth limit (weights + KV)", "value": ours["fraction_of_limit"],
+                    "goal": f">= {BANDWIDTH_TARGET}", "met": ours["fraction_of_limit"] >= BANDWIDTH_TARGET})
+    if ours is None or q4 is None:
+        return out
+    for name, mine, theirs, how, x in TARGETS:
+        a, b = ours.get(mine), q4.get(theirs)
+        if a is None or b is None:
+            continue
+        if how == "speedup":  # times: theirs / ours
+            value, goal, met = b / a, f">= {x}", b / a >= x
+        elif how == "ge":
+            value, goal, met = a / b, f">= {x}", a / b >= x
+        else:
+            value, goal, met = a / b, f"<= {x}", a / b <= x
+        out.append({"target": name, "value": round(value, 3), "goal": goal, "met": bool(met)})
+    return out
+
+
+def write_plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for r in data.get("runtime", {}).get("rows", []):
+        if r.get("text_decode_tok_s"):
+            bars.append((f"{r.get('model', '')}\n{r['engine']} {r['variant']}", r["text_decode_tok_s"],
+                         r.get("text_prefill600_s"), r.get("rss_above_base_mb")))
+    for r in data.get("peers", {}).get("rows", []):
+        bars.append((f"{data['peers'].get('model', 'llava-7b-shape')}\nllama.cpp {r['variant']}", r["decode_tok_s"],
+                     r.get("prefill_s"), r.get("rss_above_base_mb")))
+    for r in data.get("7b", {}).get("runtime", {}).get("rows", []):
+        bars.append((f"llava-1.5-7b\n{r['engine']} {r['variant']}", r.get("decode_tok_s"),
+                     r.get("text_prefill600_s") or r.get("prefill_s"), r.get("rss_above_base_mb")))
+    fig, axes = plt.subplots(1, 3, figsize=(16, max(3, 0.45 * len(bars) + 1.5)))
+    labels = [b[0] for b in bars]
+    for ax, i, title in zip(axes, (1, 2, 3), ("text decode, tok/s (higher is better)",
+                                                "600-token text prefill, s (lower is better)",
+                                                "peak RSS above baseline, MiB (lower is better)")):
+        vals = [b[i] or 0 for b in bars]
+        ax.barh(range(len(bars)), vals, color="#4C72B0")
+        ax.set_yticks(range(len(bars)))
+        ax.set_yticklabels(labels if i == 1 else [""] * len(bars), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+    fig.tight_layout()
+    # Fixed metadata: the same numbers give the same bytes.
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write(folder: Path) -> dict:
+    data = load(folder)
+    lines = ["# Benchmark results", ""]
+    if "runtime" in data or "export" in data:
+        m = (data.get("export") or data.get("runtime") or {}).get("machine")
+        if m:
+            lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM.", ""]
+    if "export" in data:
+        lines += export_section(data["export"])
+    if "runtime" in data:
+        lines += runtime_section(data["runtime"], "Run time: same weights, image and prompt")
+    if "peers" in data:
+        lines += peers_section(data["peers"])
+    checks = targets(data)
+    if checks:
+        lines += ["## Targets (7B-shape preset, 8da4w vs llama.cpp Q4_0)", ""]
+        lines += _table(["target", "value", "goal", "met"], [[c["target"], c["value"], c["goal"], c["met"]] for c in checks])
+    if "7b" in data:
+        big = data["7b"]
+        lines += ["## Full-size LLaVA-1.5-7B (random bf16 weights, `make bench-7b`)", ""]
+        rows = [[s, m["process_wall_s"], m["peak_rss_mb"]] for s, m in big["stages"].items()]
+        lines += _table(["stage", "wall s", "peak RSS MiB"], rows)
+        lines += [f".pte: {big['pte_bytes'] / MB:.0f} MiB; " + ", ".join(
+            f"{k} {v / MB:.0f} MiB" for k, v in big["method_bytes"].items()), ""]
+        if "runtime" in big:
+            lines += runtime_section(big["runtime"], "Full 7B at run time")
+    (folder / "results.md").write_text("\n".join(lines))
+    summary = {"targets": checks}
+    (folder / "targets.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if any(k in data for k in ("runtime", "peers", "7b")):
+        write_plot(data, folder / "plot.png")
+    return data
+
+
+if __name__ == "__main__":
+    import sys
+
+    write(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/bench"))

@@ -1,0 +1,122 @@
+"""Large-model paths on small models: the synthetic checkpoint writer, the streamed
+source transform (sharded, dtype kept) and the unit-by-unit load + quantize."""
+
+import json
+
+import pytest
+import torch
+
+from llava_pipeline import model_io, quantize, synthetic
+from llava_pipeline.config import QuantConfig
+from llava_pipeline.stage import PipelineError
+from llava_pipeline.tiny import tiny_llava_config
+
+MAX_SEQ_LEN = 640
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny-width synthetic checkpoint in bf16, cut into ~0.5 MB shards."""
+    out = tmp_path_factory.mktemp("synthetic") / "ckpt"
+    synthetic.write_checkpoint(out, tiny_llava_config(), seed=3, dtype=torch.bfloat16, shard_bytes=1 << 19)
+    return out
+
+
+def test_synthetic_checkpoint_is_sharded_hf_format(ckpt):
+    from transformers import LlavaForConditionalGeneration
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and all((ckpt / s).is_file() for s in shards)
+    hf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    shapes = synthetic.parameter_shapes(tiny_llava_config())
+    state = hf.state_dict()
+    name = "model.language_model.layers.1.mlp.down_proj.weight"
+    want = synthetic.random_tensor(name, shapes[name], 3, shapes).to(torch.bfloat16).float()
+    assert torch.equal(state[name], want)
+    assert (ckpt / "tokenizer.model").is_file() and (ckpt / "preprocessor_config.json").is_file()
+
+
+def test_synthetic_bytes_do_not_depend_on_sharding(tmp_path):
+    cfg = tiny_llava_config()
+    (tmp_path / "a").mkdir()
+    synthetic.write_weights(tmp_path / "a", cfg, 0, torch.float32, shard_bytes=1 << 30)
+    (tmp_path / "b").mkdir()
+    synthetic.write_weights(tmp_path / "b", cfg, 0, torch.float32, shard_bytes=1 << 20)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "model-00001-of-00001.safetensors")
+    b = {}
+    for f in sorted((tmp_path / "b").glob("model-*.safetensors")):
+        b.update(load_file(f))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c_dir = tmp_path / "c"
+    c_dir.mkdir()
+    synthetic.write_weights(c_dir, cfg, 1, torch.float32, shard_bytes=1 << 30)
+    c = load_file(c_dir / "model-00001-of-00001.safetensors")
+    assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
+
+
+def test_7b_config_has_the_real_widths():
+    cfg = synthetic.llava_7b_config()
+    t, v = cfg.text_config, cfg.vision_config
+    assert (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_hidden_layers) == (4096, 11008, 32, 32)
+    assert (t.vocab_size, v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == (32064, 1024, 24, 336, 14)
+    n = sum(s.numel() for s in synthetic.parameter_shapes(cfg).values())
+    assert 7.0e9 < n < 7.1e9  # LLaVA-1.5-7B: 7.06 B parameters
+
+
+@pytest.fixture(scope="module")
+def transformed(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("transformed")
+    model_io.write_transformed(ckpt, MAX_SEQ_LEN, out, shard_bytes=1 << 19)
+    return out
+
+
+def test_streamed_transform_keeps_dtype_and_matches_in_memory(ckpt, transformed):
+    files = model_io.weight_files(transformed)
+    assert len(set(files.values())) > 2
+    from safetensors import safe_open
+
+    with safe_open(str(files["text_decoder.output.weight"]), framework="pt") as f:
+        assert f.get_tensor("text_decoder.output.weight").dtype == torch.bfloat16
+    ref, _ = model_io.transform_checkpoint(ckpt, MAX_SEQ_LEN)
+    got = model_io.load_transformed(transformed)
+    ref_state, got_state = ref.state_dict(), got.state_dict()
+    assert ref_state.keys() == got_state.keys()
+    for k in ref_state:
+        assert torch.equal(ref_state[k], got_state[k]), k
+
+
+def test_unit_by_unit_quantize_equals_whole_model(transformed):
+    quant = QuantConfig(scheme="8da4w", group_size=32, embedding_bits=8)
+    seen = []
+
+    def hook(unit, model):
+        seen.append(unit)
+        quantize.quantize_unit(unit, model, quant)
+
+    streamed = model_io.load_transformed(transformed, on_unit=hook)
+    whole = quantize.quantize_model(model_io.load_transformed(transformed), quant)
+    assert seen[:2] == ["vision_encoder", "token_embedding"] and seen[-1] == "text_decoder.output"
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if hasattr(x, "qdata"):
+            assert torch.equal(x.qdata, y.qdata) and torch.equal(x.scale, y.scale), k
+        else:
+            assert torch.equal(x, y), k
+    assert hasattr(streamed.text_decoder.output.weight, "qdata")
+    assert hasattr(streamed.text_decoder.layers[0].feed_forward.w2.weight, "qdata")
+
+
+def test_missing_shard_is_named(transformed, tmp_path):
+    import shutil
+
+    bad = tmp_path / "t"
+    shutil.copytree(transformed, bad)
+    victim = sorted(bad.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(PipelineError, match=victim.name):
+        model_io.load_transformed(bad)
