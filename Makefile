@@ -49,6 +49,17 @@ test-fast: venv
 bench: $(BIN)/.installed-bench
 	$(BIN)/python -m llava_pipeline.bench
 
+# llama.cpp on the 7B-shape preset's text weights (llama-cpp-python builds from source once).
+PEER_CKPT := outputs/bench/work/llava-7b-shape-fp32/outputs/download
+$(BIN)/.installed-peers: $(BIN)/.installed-bench
+	$(BIN)/pip install --quiet -e '.[test,bench,peers]'
+	touch $@
+
+bench-peers: $(BIN)/.installed-peers
+	test -f $(PEER_CKPT)/manifest.json || $(BIN)/python -m llava_pipeline.bench --models llava-7b-shape --download-only
+	$(BIN)/python -m llava_pipeline.bench.peers --checkpoint $(PEER_CKPT) --out outputs/bench/peers.json
+	$(BIN)/python -m llava_pipeline.bench.report outputs/bench
+
 bench-7b: $(BIN)/.installed-bench
 	$(BIN)/python -m llava_pipeline.bench.big
 

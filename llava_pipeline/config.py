@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 QUANT_SCHEMES = ("none", "8da4w")
+KV_CACHES = ("fp32", "int8")
 EMBEDDING_BITS = (8, "none")
 # How int4/int8 scales are chosen: HQQ (scale-only, ExecuTorch's default; ~10 s per 45M-weight
 # linear on 2 cores) or plain per-group min/max ("affine", ~0.3 s, same format and speed).
@@ -47,6 +48,8 @@ class ModelConfig:
 class ExportConfig:
     # Static KV cache length: prompt + image tokens + generated tokens.
     max_seq_len: int = 768
+    # fp32 | int8 (per-token scales; ExecuTorch's quantized cache + quantized SDPA ops)
+    kv_cache: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         )
     if q.qparams not in QPARAMS:
         raise ConfigError(f"quant.qparams: got {q.qparams!r} (allowed: {', '.join(QPARAMS)})")
+    if cfg.export.kv_cache not in KV_CACHES:
+        raise ConfigError(f"export.kv_cache: got {cfg.export.kv_cache!r} (allowed: {', '.join(KV_CACHES)})")
     if cfg.export.max_seq_len < 2:
         raise ConfigError(f"export.max_seq_len: must be at least 2, got {cfg.export.max_seq_len}")
     src = cfg.model.source

@@ -6,6 +6,8 @@ debuggable reference; both versions compute the same numbers (tests/test_model_p
 
 - "custom_kv_cache": `KVCache` -> `CustomKVCache` (`torch.ops.llama.update_cache`)
 - "custom_sdpa":     `SDPA`    -> `CustomSDPA`    (`torch.ops.llama.custom_sdpa`, GQA-aware)
+- "quantized_kv_cache": `CustomKVCache`/`CustomSDPA` -> int8 caches with per-token scales and
+  `torch.ops.llama.custom_quantized_sdpa` (export.kv_cache=int8)
 
 Both ops take the start position as an int, read from the `input_pos` tensor with `.item()`.
 For `torch.export` that int is an unbacked symbol; `_start_pos` bounds it with
@@ -55,6 +57,62 @@ class CustomSDPA(nn.Module):
         return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0, True)
 
 
+class QuantizedKVCache(nn.Module):
+    """int8 K/V caches with a float scale and an int8 zero point per (position, head),
+    written with `llama.update_cache`; ExecuTorch's quantized-cache layout. Returns
+    (cache, scales, zero_points) for K and for V, which `QuantizedSDPA` reads directly.
+    A quarter of the fp32 cache's bytes, so a quarter of the cache reads per decode step."""
+
+    def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int, device=None):
+        super().__init__()
+        shape, qshape = (1, max_seq_len, n_kv_heads, head_dim), (1, max_seq_len, n_kv_heads, 1)
+        for name in ("k", "v"):
+            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.int8, device=device))
+            self.register_buffer(f"{name}_cache_scales", torch.ones(qshape, device=device))
+            self.register_buffer(f"{name}_cache_zero_points", torch.zeros(qshape, dtype=torch.int8, device=device))
+
+    def reset_buffers(self) -> None:
+        for name in ("k", "v"):
+            getattr(self, f"{name}_cache").zero_()
+            getattr(self, f"{name}_cache_scales").fill_(1.0)
+            getattr(self, f"{name}_cache_zero_points").zero_()
+
+    def forward(self, input_pos, k, v):
+        start_pos = _start_pos(input_pos, self.k_cache.shape[1])
+        out = []
+        for name, x in (("k", k), ("v", v)):
+            q, scale, zero = _quantize_per_token(x)
+            cache = getattr(self, f"{name}_cache")
+            scales = getattr(self, f"{name}_cache_scales")
+            zeros = getattr(self, f"{name}_cache_zero_points")
+            torch.ops.llama.update_cache(q, cache, start_pos)
+            torch.ops.llama.update_cache(scale, scales, start_pos)
+            torch.ops.llama.update_cache(zero, zeros, start_pos)
+            out.append((cache, scales, zeros))
+        return out[0], out[1]
+
+
+def _quantize_per_token(x: torch.Tensor):
+    """int8 asymmetric over the last dim: (int8 values, fp32 scales, int8 zero points)."""
+    scale, zero = torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+    q = torch.ops.quantized_decomposed.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+    return q, scale.to(torch.float32), zero.to(torch.int8)
+
+
+class QuantizedSDPA(nn.Module):
+    """`CustomSDPA` over a `QuantizedKVCache`: `llama.custom_quantized_sdpa` with the query
+    quantized per token too (int8 dot products, fp32 accumulation and softmax)."""
+
+    def forward(self, input_pos, q, k, v):
+        (k_q, k_scale, k_zero), (v_q, v_scale, v_zero) = k, v
+        start_pos = _start_pos(input_pos, k_q.shape[1])
+        q_q, q_scale, q_zero = _quantize_per_token(q)
+        return torch.ops.llama.custom_quantized_sdpa(
+            q_q, k_q, v_q, start_pos, None, 0, True, None,
+            q_zero, q_scale, k_zero, k_scale, v_zero, v_scale, False,
+        )
+
+
 def _replace(model: nn.Module, old: type, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -74,10 +132,21 @@ def replace_sdpa_with_custom_sdpa(model: nn.Module) -> nn.Module:
     return _replace(model, SDPA, lambda _: CustomSDPA())
 
 
+def replace_kv_cache_with_quantized_kv_cache(model: nn.Module) -> nn.Module:
+    """After custom_kv_cache and custom_sdpa: int8 caches and the quantized SDPA."""
+    load_custom_ops()
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  quantized_decomposed per-token ops
+
+    _replace(model, CustomKVCache, lambda c: QuantizedKVCache(*c.k_cache.shape[1:], device=c.k_cache.device))
+    return _replace(model, CustomSDPA, lambda _: QuantizedSDPA())
+
+
 # name -> (transform, plain class it removes, class it installs, op the exported graph must hold)
 SOURCE_TRANSFORMS: dict[str, tuple[Callable[[nn.Module], nn.Module], type, type, str]] = {
     "custom_kv_cache": (replace_kv_cache_with_custom_kv_cache, KVCache, CustomKVCache, "llama.update_cache"),
     "custom_sdpa": (replace_sdpa_with_custom_sdpa, SDPA, CustomSDPA, "llama.custom_sdpa"),
+    "quantized_kv_cache": (replace_kv_cache_with_quantized_kv_cache, CustomKVCache, QuantizedKVCache,
+                           "llama.custom_quantized_sdpa"),
 }
 
 
@@ -108,15 +177,23 @@ def check_custom_ops(model, names: Sequence[str] | None = None) -> None:
     piece is left and at least one custom piece is present. For an `ExportedProgram` or
     `GraphModule`: the graph calls each transform's op. Raises RuntimeError otherwise."""
     names = list(SOURCE_TRANSFORMS) if names is None else list(names)
+    quantized = "quantized_kv_cache" in names  # it replaces the custom cache and SDPA again
     if isinstance(model, torch.export.ExportedProgram):
         model = model.graph_module
     if isinstance(model, torch.fx.GraphModule):
+        if quantized:  # update_cache still writes the int8 caches; the SDPA is the quantized one
+            names = ["custom_kv_cache", "quantized_kv_cache"]
         ops = _graph_op_names(model.graph)
         for name in names:
             op = SOURCE_TRANSFORMS[name][3]
             if not any(op in o for o in ops):
                 raise RuntimeError(f"source transform {name!r}: graph has no {op} call")
         return
+    if quantized:
+        plain = [path for path, m in model.named_modules() if type(m) in (KVCache, SDPA, CustomSDPA)]
+        if plain:
+            raise RuntimeError(f"source transform 'quantized_kv_cache' missing: {plain[0]} is not quantized")
+        names = ["quantized_kv_cache"]
     for name in names:
         _, old, new, _ = SOURCE_TRANSFORMS[name]
         left = [path for path, m in model.named_modules() if type(m) is old]

@@ -113,7 +113,17 @@ class StageContext:
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of this stage process and of the children it waited for.
+
+    Own peak from VmHWM, not getrusage: Linux carries ru_maxrss across execve, so a stage
+    started by a large parent (a notebook, a benchmark driver) would report the parent's
+    size. The children's figure can only be inflated up to this process's own size."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as f:
+            own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(own, kids) / 1024, 1)
 

@@ -19,7 +19,7 @@ def body(ctx: stage.StageContext) -> None:
         src, on_unit=lambda unit, m: quantize.quantize_unit(unit, m, ctx.cfg.quant)
     )
     torch.save(model.state_dict(), ctx.out / "model.pt")
-    model_io.write_args(args, ctx.out)
+    model_io.write_args(args, ctx.out, model_io.load_transforms(src))
 
 
 def main(argv: list[str] | None = None) -> int:

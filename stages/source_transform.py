@@ -10,8 +10,9 @@ from llava_pipeline import model_io, stage
 
 def body(ctx: stage.StageContext) -> None:
     ckpt = ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
-    model_io.write_transformed(ckpt, ctx.cfg.export.max_seq_len, ctx.out)
-    ctx.extra["source_transforms"] = list(model_io.SOURCE_TRANSFORMS)
+    transforms = model_io.KV_CACHE_TRANSFORMS[ctx.cfg.export.kv_cache]
+    model_io.write_transformed(ckpt, ctx.cfg.export.max_seq_len, ctx.out, transforms=transforms)
+    ctx.extra["source_transforms"] = list(transforms)
 
 
 def main(argv: list[str] | None = None) -> int:

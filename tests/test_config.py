@@ -71,6 +71,7 @@ def test_bad_override_names_the_key(override, needle):
         ("quant.embedding_bits=4", "quant.embedding_bits"),
         ("model.source=builtin:huge", "model.source: unknown built-in model"),
         ("export.max_seq_len=1", "export.max_seq_len"),
+        ("export.kv_cache=fp16", "export.kv_cache: got 'fp16' (allowed: fp32, int8)"),
         ("quant.qparams=gptq", "quant.qparams: got 'gptq' (allowed: hqq, affine)"),
         ("emit.verify_steps=0", "emit.verify_steps: must be at least 1"),
         ("model.vision_layers=1", "model.vision_layers: must be at least 2"),

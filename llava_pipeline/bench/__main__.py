@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-export", action="store_true", help="reuse the scratch exports already there")
     ap.add_argument("--skip-runtime", action="store_true")
+    ap.add_argument("--download-only", action="store_true",
+                    help="only the checkpoints (outputs/bench/work/<model>-fp32/outputs/download), for bench-peers")
     ap.add_argument("--image", type=Path, default=Path("assets/images/coffee.jpg"))
     ap.add_argument("--prompt", default="What is shown in this picture?")
     args = ap.parse_args(argv)
@@ -89,13 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
+    if args.download_only:
+        for model in args.models.split(","):
+            folder = work / f"{model}-fp32"
+            export_cost.make_project(folder, [f"model={model}"])
+            export_cost.run_stages(folder, ["download"], log=log)
+        return 0
     runs, params = {}, {}
     for model in args.models.split(","):
         plans = [("fp32", [f"model={model}", "quant.scheme=none", "quant.embedding_bits=none"], None),
                  ("8da4w", [f"model={model}"], "fp32")]
         p = export_cost.compose(export_cost.ROOT / "conf", [f"model={model}"])
-        if p["model"]["text_layers"] is not None:  # built-in with a depth: measure one layer more
+        if p["model"]["text_layers"] is not None:  # built-in with a depth (the 7B-shape preset)
             t, v = _depth(p)
+            plans.append(("8da4w-kv8", [f"model={model}", "export.kv_cache=int8"], "fp32"))
+            # One text and one vision layer more: per-layer costs measured, not assumed.
             plans.append(("8da4w-deeper", [f"model={model}", f"model.text_layers={t + 1}",
                                            f"model.vision_layers={v + 1}"], None))
         for variant, overrides, reuse in plans:
@@ -117,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         rows, extra = [], {}
         for model in args.models.split(","):
             log(f"run time {model}")
-            pairs = [(v, work / f"{model}-{v}" / "outputs") for v in ("fp32", "8da4w")]
+            variants = [k.split("/")[1] for k in runs if k.startswith(model + "/") and not k.endswith("deeper")]
+            pairs = [(v, work / f"{model}-{v}" / "outputs") for v in variants]
             result = rt.measure_all(
                 [(label, o / "llava.pte") for label, o in pairs],
-                tokenizer=pairs[1][1] / "tokenizer.bin",
+                tokenizer=pairs[0][1] / "tokenizer.bin",
                 checkpoint=pairs[0][1] / "download",
                 image=args.image, prompt=args.prompt, decode_tokens=args.decode_tokens,
                 repeats=args.repeats,

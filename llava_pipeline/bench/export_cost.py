@@ -40,9 +40,9 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=print) -> dict:
-    """Run all stages in `work`. `reuse`: a finished scratch project with the same model
-    and export settings whose download and source_transform outputs are linked instead
-    of recomputed (their cost is that project's). Returns per-stage metrics and sizes."""
+    """Run all stages in `work`. `reuse`: a finished scratch project with the same model,
+    whose download output is linked instead of recomputed (its cost is that project's).
+    Returns per-stage metrics and sizes."""
     make_project(work, overrides)
     outputs = work / "outputs"
     if outputs.exists():
@@ -50,10 +50,16 @@ def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=
     (outputs / "metrics").mkdir(parents=True)
     stages = STAGES
     if reuse is not None:
-        for name in ("download", "source_transform"):
-            _link_tree(reuse / "outputs" / name, outputs / name)
-        stages = STAGES[2:]
+        _link_tree(reuse / "outputs" / "download", outputs / "download")
+        stages = STAGES[1:]
+    run_stages(work, stages, log)
+    return collect(outputs, reused=reuse is not None)
+
+
+def run_stages(work: Path, stages, log=print) -> None:
+    """`python -m stages.<name>` in `work`, in order, as a user runs them by hand."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    (work / "outputs" / "metrics").mkdir(parents=True, exist_ok=True)
     for name in stages:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=work, env=env,
@@ -61,7 +67,6 @@ def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=
         if proc.returncode != 0:
             raise RuntimeError(f"{work.name}: stage {name} failed:\n{proc.stderr[-3000:]}")
         log(f"  {work.name}: {name} {time.perf_counter() - t0:.1f} s")
-    return collect(outputs, reused=reuse is not None)
 
 
 def collect(outputs: Path, reused: bool = False) -> dict:
@@ -69,7 +74,7 @@ def collect(outputs: Path, reused: bool = False) -> dict:
 
     stages = {}
     for name in STAGES:
-        if reused and name in ("download", "source_transform"):
+        if reused and name == "download":
             continue
         stages[name] = json.loads((outputs / "metrics" / f"{name}.json").read_text())
     pte = outputs / "llava.pte"

@@ -101,26 +101,30 @@ def peers_section(peers: dict) -> list[str]:
 def targets(data: dict) -> list[dict]:
     """The project's targets on the 7B-shape preset: ours (8da4w) against llama.cpp Q4_0."""
     rt, peers = data.get("runtime"), data.get("peers")
-    ours = next((r for r in (rt or {}).get("rows", [])
-                 if r["engine"] == "executorch" and r["variant"] == "8da4w" and r.get("model") == "llava-7b-shape"), None)
     q4 = next((r for r in (peers or {}).get("rows", []) if r["variant"] == "Q4_0"), None)
     out = []
-    if ours is not None and ours.get("fraction_of_limit") is not None:
-        out.append({"target": "decode vs bandwidth limit (weights + KV)", "value": ours["fraction_of_limit"],
-                    "goal": f">= {BANDWIDTH_TARGET}", "met": ours["fraction_of_limit"] >= BANDWIDTH_TARGET})
-    if ours is None or q4 is None:
-        return out
-    for name, mine, theirs, how, x in TARGETS:
-        a, b = ours.get(mine), q4.get(theirs)
-        if a is None or b is None:
+    for ours in (rt or {}).get("rows", []):
+        if not (ours["engine"] == "executorch" and ours["variant"].startswith("8da4w")
+                and ours.get("model") == "llava-7b-shape"):
             continue
-        if how == "speedup":  # times: theirs / ours
-            value, goal, met = b / a, f">= {x}", b / a >= x
-        elif how == "ge":
-            value, goal, met = a / b, f">= {x}", a / b >= x
-        else:
-            value, goal, met = a / b, f"<= {x}", a / b <= x
-        out.append({"target": name, "value": round(value, 3), "goal": goal, "met": bool(met)})
+        variant = ours["variant"]
+        frac = ours.get("text_fraction_of_limit")
+        if frac is not None:
+            out.append({"variant": variant, "target": "decode at 600 context vs bandwidth limit (weights + KV)",
+                        "value": frac, "goal": f">= {BANDWIDTH_TARGET}", "met": frac >= BANDWIDTH_TARGET})
+        if q4 is None:
+            continue
+        for name, mine, theirs, how, x in TARGETS:
+            a, b = ours.get(mine), q4.get(theirs)
+            if a is None or b is None:
+                continue
+            if how == "speedup":  # times: theirs / ours
+                value, goal, met = b / a, f">= {x}", b / a >= x
+            elif how == "ge":
+                value, goal, met = a / b, f">= {x}", a / b >= x
+            else:
+                value, goal, met = a / b, f"<= {x}", a / b <= x
+            out.append({"variant": variant, "target": name, "value": round(value, 3), "goal": goal, "met": bool(met)})
     return out
 
 
@@ -176,7 +180,8 @@ def write(folder: Path) -> dict:
     checks = targets(data)
     if checks:
         lines += ["## Targets (7B-shape preset, 8da4w vs llama.cpp Q4_0)", ""]
-        lines += _table(["target", "value", "goal", "met"], [[c["target"], c["value"], c["goal"], c["met"]] for c in checks])
+        lines += _table(["export", "target", "value", "goal", "met"],
+                        [[c["variant"], c["target"], c["value"], c["goal"], c["met"]] for c in checks])
     if "7b" in data:
         big = data["7b"]
         lines += ["## Full-size LLaVA-1.5-7B (random bf16 weights, `make bench-7b`)", ""]

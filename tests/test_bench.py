@@ -1,0 +1,104 @@
+"""The benchmark's own arithmetic and plumbing (no timing is asserted: numbers are reported,
+not tested): per-method .pte bytes, isolated measurement processes, per-layer extrapolation,
+target checks and the report files."""
+
+import json
+import os
+
+import pytest
+
+from llava_pipeline.bench import __main__ as bench_main
+from llava_pipeline.bench import measure, report
+
+
+def _allocate(mb: int) -> dict:
+    block = bytearray(mb << 20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    return {"allocated_mb": mb}
+
+
+def test_isolated_process_reports_its_own_memory():
+    small = measure.isolated("tests.test_bench:_allocate", {"mb": 8})
+    big = measure.isolated("tests.test_bench:_allocate", {"mb": 200})
+    assert small["allocated_mb"] == 8 and big["allocated_mb"] == 200
+    assert big["rss_above_base_mb"] - small["rss_above_base_mb"] > 150
+    assert big["rss_peak_mb"] >= big["rss_base_mb"] + big["rss_above_base_mb"] - 1
+
+
+def test_isolated_failure_is_raised_with_the_child_error():
+    with pytest.raises(RuntimeError, match="allocated_mb|unexpected keyword"):
+        measure.isolated("tests.test_bench:_allocate", {"nope": 1})
+
+
+def _run(text_bytes, vision_bytes, walls):
+    return {"method_bytes": {"text_decoder": text_bytes, "vision_encoder": vision_bytes, "token_embedding": 100},
+            "pte_bytes": text_bytes + vision_bytes + 100,
+            "stages": {f"s{i}": {"process_wall_s": w, "peak_rss_mb": 1.0} for i, w in enumerate(walls)}}
+
+
+def test_extrapolation_from_two_depths():
+    base = _run(1000 + 2 * 300, 50 + 2 * 10, [10.0, 20.0])
+    deep = _run(1000 + 3 * 300, 50 + 3 * 10, [10.0, 24.0])
+    x = bench_main.extrapolate(base, deep, (2, 3), (3, 4), seq_len=768, kv_width=4096, runtime_rss_mb=100.0)
+    assert x["text_layer_bytes"] == 300 and x["vision_layer_bytes"] == 10
+    assert x["full_pte_bytes"] == base["pte_bytes"] + 30 * 300 + 21 * 10
+    assert x["text_layer_export_s"] == pytest.approx(4.0 * 300 / 310, abs=0.01)
+    kv = 2 * 768 * 4096 * 4
+    assert x["kv_bytes_per_layer"] == kv
+    assert x["full_runtime_rss_mb"] == pytest.approx(100 + (30 * (300 + kv) + 21 * 10) / 2**20, abs=0.1)
+
+
+def _rows():
+    rt = {"kind": "runtime", "threads": 2, "bandwidth_gb_s": 40.0, "rows": [
+        {"model": "llava-7b-shape", "engine": "executorch", "variant": "8da4w", "text_decode_tok_s": 110.0,
+         "text_prefill600_s": 0.6, "rss_above_base_mb": 900.0, "text_fraction_of_limit": 0.85},
+        {"model": "llava-7b-shape", "engine": "transformers", "variant": "bf16", "text_decode_tok_s": 12.0,
+         "text_prefill600_s": 1.4, "rss_above_base_mb": 2000.0},
+    ]}
+    peers = {"kind": "peers", "threads": 2, "prompt_tokens": 600, "decode_tokens": 64, "rows": [
+        {"engine": "llama.cpp", "variant": "Q4_0", "decode_tok_s": 80.0, "prefill_s": 1.3, "rss_above_base_mb": 800.0,
+         "file_mb": 300.0, "prefill_tok_s": 460.0},
+    ]}
+    return rt, peers
+
+
+def test_targets_compare_with_llama_cpp_q4_0():
+    rt, peers = _rows()
+    checks = {c["target"]: c for c in report.targets({"runtime": rt, "peers": peers})}
+    assert checks["decode vs llama.cpp Q4_0"]["value"] == pytest.approx(110 / 80, abs=1e-3)
+    assert checks["decode vs llama.cpp Q4_0"]["met"] is True
+    assert checks["prefill vs llama.cpp Q4_0 (600 tokens)"]["value"] == pytest.approx(1.3 / 0.6, abs=1e-3)
+    assert checks["run-time RSS vs llama.cpp Q4_0"]["met"] is False  # 900 > 800
+    assert checks["decode at 600 context vs bandwidth limit (weights + KV)"]["met"] is True
+    rt["rows"][0]["text_decode_tok_s"] = 90.0
+    checks = {c["target"]: c for c in report.targets({"runtime": rt, "peers": peers})}
+    assert checks["decode vs llama.cpp Q4_0"]["met"] is False  # 1.125 < 1.25
+
+
+def test_report_files(tmp_path):
+    rt, peers = _rows()
+    (tmp_path / "runtime.json").write_text(json.dumps(rt))
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    report.write(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| llava-7b-shape | executorch | 8da4w |" in md and "| llama.cpp | Q4_0 |" in md
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    first = png
+    report.write(tmp_path)
+    assert (tmp_path / "plot.png").read_bytes() == first  # same numbers, same bytes
+    targets = json.loads((tmp_path / "targets.json").read_text())["targets"]
+    assert {t["variant"] for t in targets} == {"8da4w"}
+
+
+@pytest.mark.slow
+def test_method_bytes_cover_the_program(export_8da4w):
+    from llava_pipeline.bench.ptesize import method_bytes
+
+    pte = export_8da4w / "llava.pte"
+    sizes = method_bytes(pte)
+    assert set(sizes) == {"vision_encoder", "token_embedding", "text_decoder"}
+    total = os.path.getsize(pte)
+    assert 0.95 * total < sum(sizes.values()) <= total
+    # int8 embedding: 32064 x 64 bytes plus one fp32 scale per row
+    assert sizes["token_embedding"] >= 32064 * 64
