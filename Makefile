@@ -51,8 +51,10 @@ bench: $(BIN)/.installed-bench
 
 # llama.cpp on the 7B-shape preset's text weights (llama-cpp-python builds from source once).
 PEER_CKPT := outputs/bench/work/llava-7b-shape-fp32/outputs/download
+# The library only: llama.cpp's tools, server, tests and llava/mtmd are not needed here.
+PEERS_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 $(BIN)/.installed-peers: $(BIN)/.installed-bench
-	$(BIN)/pip install --quiet -e '.[test,bench,peers]'
+	CMAKE_ARGS="$(PEERS_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet -e '.[test,bench,peers]'
 	touch $@
 
 bench-peers: $(BIN)/.installed-peers
