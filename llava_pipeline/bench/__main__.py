@@ -52,8 +52,9 @@ def extrapolate(base: dict, deeper: dict, base_depth, deeper_depth, seq_len: int
     dt, dv = deeper_depth[0] - base_depth[0], deeper_depth[1] - base_depth[1]
     text_b = (deeper["method_bytes"]["text_decoder"] - base["method_bytes"]["text_decoder"]) / dt
     vis_b = (deeper["method_bytes"]["vision_encoder"] - base["method_bytes"]["vision_encoder"]) / dv
-    t_base = sum(s["process_wall_s"] for s in base["stages"].values())
-    t_deep = sum(s["process_wall_s"] for s in deeper["stages"].values())
+    common = [s for s in deeper["stages"] if s in base["stages"]]  # the deeper run stops before emit
+    t_base = sum(base["stages"][s]["process_wall_s"] for s in common)
+    t_deep = sum(deeper["stages"][s]["process_wall_s"] for s in common)
     per_pair = max(t_deep - t_base, 0.0)
     text_s = per_pair * text_b / (text_b + vis_b) / dt
     vis_s = per_pair * vis_b / (text_b + vis_b) / dv
@@ -65,6 +66,7 @@ def extrapolate(base: dict, deeper: dict, base_depth, deeper_depth, seq_len: int
         "pte_bytes": base["pte_bytes"], "full_pte_bytes": round(base["pte_bytes"] + add_t * text_b + add_v * vis_b),
         "text_layer_export_s": round(text_s, 2), "vision_layer_export_s": round(vis_s, 2),
         "export_s": round(t_base, 1), "full_export_s": round(t_base + add_t * text_s + add_v * vis_s, 1),
+        "export_stages_scaled": common,
         "seq_len": seq_len, "kv_bytes_per_layer": kv,
     }
     if runtime_rss_mb is not None:
@@ -112,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{model}/{variant}"
             folder = work / f"{model}-{variant}"
             params[key] = export_cost.make_project(folder, overrides)
-            if args.skip_export and (folder / "outputs" / "llava.pte").is_file():
+            # The deeper export only measures sizes and per-layer cost: no emit (its verifier
+            # re-runs the model eagerly and is not part of the per-layer scaling).
+            until = "to_executorch" if variant.endswith("deeper") else "emit"
+            done = folder / "outputs" / ("llava.pte" if until == "emit" else "to_executorch/model.pte")
+            if args.skip_export and done.is_file():
                 runs[key] = export_cost.collect(folder / "outputs", reused=reuse is not None)
             else:
                 log(f"export {key}")
                 runs[key] = export_cost.run_export(folder, overrides, work / f"{model}-{reuse}" if reuse else None,
-                                                   log=log)
+                                                   log=log, until=until)
             runs[key]["config"] = {s: params[key][s] for s in ("model", "quant")}
     export = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
     runtime = None

@@ -27,6 +27,19 @@ from . import export_cost, report
 CHECKPOINT = "llava-1.5-7b-random"
 
 
+# Weight files no later stage reads, deleted as soon as that is so (manifests stay: the
+# verifier checks the chain of manifests). Peak disk: checkpoint + transformed + quantized.
+_PRUNE_AFTER = {"quantize": ("source_transform", "model-*.safetensors"),
+                "to_executorch": ("partition", "*.blobs")}
+
+
+def _prune(stage: str, outputs: Path) -> None:
+    if stage in _PRUNE_AFTER:
+        folder, pattern = _PRUNE_AFTER[stage]
+        for f in (outputs / folder).glob(pattern):
+            f.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
@@ -36,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-export", action="store_true", help="only the run time, on the export already there")
     ap.add_argument("--keep-intermediates", action="store_true",
-                    help="keep source_transform/quantize outputs (about 22 GB) after the run")
+                    help="keep the transformed, quantized and partitioned weights (about 26 GB)")
     ap.add_argument("--image", type=Path, default=Path("assets/images/coffee.jpg"))
     ap.add_argument("--prompt", default="What is shown in this picture?")
     args = ap.parse_args(argv)
@@ -67,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(result_file.read_text())
     else:
         log("export: " + " ".join(overrides))
-        result = export_cost.run_export(work, overrides, log=log)
+        result = export_cost.run_export(work, overrides, log=log,
+                                        after_stage=None if args.keep_intermediates else _prune)
         result["config"] = {"overrides": overrides}
         result["kind"] = "7b"
         result_file.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         if not args.keep_intermediates:  # the run time needs only download/ and the .pte
             for name in ("source_transform", "quantize", "partition"):
                 shutil.rmtree(work / "outputs" / name, ignore_errors=True)
+        log("export done; run time next")
     from . import runtime as rt
 
     log("run time")

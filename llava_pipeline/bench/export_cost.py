@@ -39,7 +39,8 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=os.link)
 
 
-def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=print) -> dict:
+def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=print,
+               after_stage=None, until: str = "emit") -> dict:
     """Run all stages in `work`. `reuse`: a finished scratch project with the same model,
     whose download output is linked instead of recomputed (its cost is that project's).
     Returns per-stage metrics and sizes."""
@@ -48,15 +49,15 @@ def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=
     if outputs.exists():
         shutil.rmtree(outputs)
     (outputs / "metrics").mkdir(parents=True)
-    stages = STAGES
+    stages = STAGES[:STAGES.index(until) + 1]
     if reuse is not None:
         _link_tree(reuse / "outputs" / "download", outputs / "download")
-        stages = STAGES[1:]
-    run_stages(work, stages, log)
+        stages = stages[1:]
+    run_stages(work, stages, log, after_stage)
     return collect(outputs, reused=reuse is not None)
 
 
-def run_stages(work: Path, stages, log=print) -> None:
+def run_stages(work: Path, stages, log=print, after_stage=None) -> None:
     """`python -m stages.<name>` in `work`, in order, as a user runs them by hand."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     (work / "outputs" / "metrics").mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,8 @@ def run_stages(work: Path, stages, log=print) -> None:
         if proc.returncode != 0:
             raise RuntimeError(f"{work.name}: stage {name} failed:\n{proc.stderr[-3000:]}")
         log(f"  {work.name}: {name} {time.perf_counter() - t0:.1f} s")
+        if after_stage is not None:
+            after_stage(name, work / "outputs")
 
 
 def collect(outputs: Path, reused: bool = False) -> dict:
@@ -74,10 +77,13 @@ def collect(outputs: Path, reused: bool = False) -> dict:
 
     stages = {}
     for name in STAGES:
-        if reused and name == "download":
+        path = outputs / "metrics" / f"{name}.json"
+        if (reused and name == "download") or not path.is_file():
             continue
-        stages[name] = json.loads((outputs / "metrics" / f"{name}.json").read_text())
+        stages[name] = json.loads(path.read_text())
     pte = outputs / "llava.pte"
+    if not pte.is_file():  # an export run only up to to_executorch
+        pte = outputs / "to_executorch" / "model.pte"
     return {
         "stages": stages,
         "pte_bytes": pte.stat().st_size,
