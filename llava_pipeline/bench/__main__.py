@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log(f"export {key}")
                 runs[key] = export_cost.run_export(folder, overrides, work / f"{model}-{reuse}" if reuse else None,
-                                                   log=log, until=until)
+                                                   log=log, until=until, after_stage=export_cost.prune)
             runs[key]["config"] = {s: params[key][s] for s in ("model", "quant")}
     export = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
     runtime = None

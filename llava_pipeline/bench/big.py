@@ -27,19 +27,6 @@ from . import export_cost, report
 CHECKPOINT = "llava-1.5-7b-random"
 
 
-# Weight files no later stage reads, deleted as soon as that is so (manifests stay: the
-# verifier checks the chain of manifests). Peak disk: checkpoint + transformed + quantized.
-_PRUNE_AFTER = {"quantize": ("source_transform", "model-*.safetensors"),
-                "to_executorch": ("partition", "*.blobs")}
-
-
-def _prune(stage: str, outputs: Path) -> None:
-    if stage in _PRUNE_AFTER:
-        folder, pattern = _PRUNE_AFTER[stage]
-        for f in (outputs / folder).glob(pattern):
-            f.unlink()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log("export: " + " ".join(overrides))
         result = export_cost.run_export(work, overrides, log=log,
-                                        after_stage=None if args.keep_intermediates else _prune)
+                                        after_stage=None if args.keep_intermediates else export_cost.prune)
         result["config"] = {"overrides": overrides}
         result["kind"] = "7b"
         result_file.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -57,6 +57,20 @@ def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=
     return collect(outputs, reused=reuse is not None)
 
 
+# Weight files no later stage reads, deleted as soon as that is so (manifests stay: the
+# verifier checks the chain of manifests). A scratch export then keeps the checkpoint, the
+# quantized model (the verifier's eager reference) and the .pte.
+_PRUNE_AFTER = {"quantize": ("source_transform", "model-*.safetensors"),
+                "to_executorch": ("partition", "*.blobs")}
+
+
+def prune(stage: str, outputs: Path) -> None:
+    if stage in _PRUNE_AFTER:
+        folder, pattern = _PRUNE_AFTER[stage]
+        for f in (outputs / folder).glob(pattern):
+            f.unlink()
+
+
 def run_stages(work: Path, stages, log=print, after_stage=None) -> None:
     """`python -m stages.<name>` in `work`, in order, as a user runs them by hand."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
