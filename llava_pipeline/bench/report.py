@@ -73,6 +73,19 @@ def export_section(export: dict) -> list[str]:
     return lines
 
 
+def profile_section(profiles: dict) -> list[str]:
+    lines = []
+    for key, phases in profiles.items():
+        lines += [f"## Where {key}'s text decoder spends its time (ETDump, 600-token prefill, decode at 600+)", ""]
+        rows = []
+        for phase, data in phases.items():
+            for e in data["events"][:6]:
+                rows.append([phase, f"{data['ms_per_call']:.2f}", e["name"], e["count_per_call"],
+                             e["ms_per_call"], f"{100 * e['share']:.1f}%"])
+        lines += _table(["phase", "ms per call", "operator", "calls", "ms", "share"], rows)
+    return lines
+
+
 def runtime_section(rt: dict, title: str) -> list[str]:
     lines = [f"## {title}", "",
              f"{rt.get('threads')} threads; memory read bandwidth measured in the same run: "
@@ -174,6 +187,7 @@ def write(folder: Path) -> dict:
             lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM.", ""]
     if "export" in data:
         lines += export_section(data["export"])
+        lines += profile_section(data["export"].get("profile", {}))
     if "runtime" in data:
         lines += runtime_section(data["runtime"], "Run time: same weights, image and prompt")
     if "peers" in data:
