@@ -173,10 +173,11 @@ def _graph_op_names(graph: torch.fx.Graph) -> set[str]:
 
 
 def check_custom_ops(model, names: Sequence[str] | None = None) -> None:
-    """Post-condition of the named transforms (default: all). For an `nn.Module`: no plain
+    """Post-condition of the named transforms (default: custom_kv_cache and custom_sdpa, the
+    fp32-cache set; name quantized_kv_cache to check the int8 one). For an `nn.Module`: no plain
     piece is left and at least one custom piece is present. For an `ExportedProgram` or
     `GraphModule`: the graph calls each transform's op. Raises RuntimeError otherwise."""
-    names = list(SOURCE_TRANSFORMS) if names is None else list(names)
+    names = ["custom_kv_cache", "custom_sdpa"] if names is None else list(names)
     quantized = "quantized_kv_cache" in names  # it replaces the custom cache and SDPA again
     if isinstance(model, torch.export.ExportedProgram):
         model = model.graph_module
