@@ -192,20 +192,28 @@ def _empty_model(args: ModelArgs, dtype: torch.dtype) -> LlavaModel:
     return model
 
 
+def renamed(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]],
+            shapes: Mapping[str, torch.Size]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our key, tensor) for each (HF key, tensor) the model uses, shape-checked against
+    `shapes`; after the last one, raises KeyError naming a missing key."""
+    mapper = KeyMapper(args)
+    for hf_key, tensor in tensors:
+        ours = mapper(hf_key)
+        if ours is None:
+            continue
+        if tensor.shape != shapes[ours]:
+            raise ValueError(f"checkpoint key {hf_key!r}: shape {list(tensor.shape)}, "
+                             f"expected {list(shapes[ours])} for {ours}")
+        yield ours, tensor
+    mapper.check_complete()
+
+
 def _load_into(model: LlavaModel, tensors: Iterable[tuple[str, torch.Tensor]]) -> LlavaModel:
     """Copy (hf_key, tensor) pairs into the model's parameters, converting dtype."""
     params = dict(model.named_parameters())
-    mapper = KeyMapper(model.args)
     with torch.no_grad():
-        for hf_key, tensor in tensors:
-            ours = mapper(hf_key)
-            if ours is None:
-                continue
-            if tensor.shape != params[ours].shape:
-                raise ValueError(f"checkpoint key {hf_key!r}: shape {list(tensor.shape)}, "
-                                 f"expected {list(params[ours].shape)} for {ours}")
+        for ours, tensor in renamed(model.args, tensors, {k: p.shape for k, p in params.items()}):
             params[ours].copy_(tensor)
-    mapper.check_complete()
     return model.eval().requires_grad_(False)
 
 

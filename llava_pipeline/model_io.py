@@ -112,24 +112,16 @@ def write_transformed(ckpt: Path, max_seq_len: int, out: Path, shard_bytes: int 
     (checked there) and the weights are renamed tensor by tensor, shape-checked against
     that model and kept in the checkpoint's dtype (bf16/fp16 stay 2 bytes: nothing is
     lost, later stages upcast what they keep in fp32). Memory: one shard."""
-    from .convert import KeyMapper, iter_safetensors, safetensors_files
+    from .convert import iter_safetensors, renamed, safetensors_files
 
     args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
     model = empty_model(args, transforms)
     check_custom_ops(model, transforms)
     shapes = {k: v.shape for k, v in model.state_dict().items() if not _is_state(k)}
-    mapper = KeyMapper(args)
     writer = _ShardWriter(out, shard_bytes)
     try:
-        for hf_key, tensor in iter_safetensors(safetensors_files(ckpt)):
-            ours = mapper(hf_key)
-            if ours is None:
-                continue
-            if tensor.shape != shapes[ours]:
-                raise ValueError(f"checkpoint key {hf_key!r}: shape {list(tensor.shape)}, "
-                                 f"expected {list(shapes[ours])} for {ours}")
+        for ours, tensor in renamed(args, iter_safetensors(safetensors_files(ckpt)), shapes):
             writer.add(ours, tensor)
-        mapper.check_complete()
     except (OSError, ValueError, KeyError) as e:  # corrupt/truncated shard, missing tensor
         raise PipelineError(f"{ckpt}: checkpoint weights unusable: {e}") from None
     writer.close()
