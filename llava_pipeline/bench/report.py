@@ -143,7 +143,11 @@ def targets(data: dict) -> list[dict]:
 
 
 def write_plot(data: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "the benchmark plot needs matplotlib: pip install -e '.[bench]' (make bench installs it)") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
