@@ -19,6 +19,8 @@ import subprocess
 import sys
 
 RESULT_TAG = "@@bench-result@@ "
+# In a child: its baseline RSS (MiB), for cases that report the peak of a phase as well.
+baseline_mb: float | None = None
 
 
 def _status_kb(field: str) -> int:
@@ -73,6 +75,8 @@ def _child(argv: list[str]) -> int:
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     base = rss_mb()
+    # run as `python -m`, this file is __main__: the cases import it under its package name
+    importlib.import_module("llava_pipeline.bench.measure").baseline_mb = base
     reset_peak_rss()
     result = dict(func(**json.loads(kwargs_json)))
     peak = peak_rss_mb()

@@ -15,7 +15,8 @@ MB = 1 << 20
 TARGETS = (
     ("decode vs llama.cpp Q4_0", "text_decode_tok_s", "decode_tok_s", "ge", 1.25),
     ("prefill vs llama.cpp Q4_0 (600 tokens)", "text_prefill600_s", "prefill_s", "speedup", 2.0),
-    ("run-time RSS vs llama.cpp Q4_0", "rss_above_base_mb", "rss_above_base_mb", "le", 1.0),
+    # llama.cpp loads the text model only: ours is the token embedding + text decoder alone
+    ("run-time RSS of the text model vs llama.cpp Q4_0", "text_rss_above_base_mb", "rss_above_base_mb", "le", 1.0),
 )
 BANDWIDTH_TARGET = 0.80
 
@@ -95,10 +96,10 @@ def runtime_section(rt: dict, title: str) -> list[str]:
         rows.append([r.get("model", ""), r["engine"], r["variant"], r.get("image_encode_s"), r.get("prefill_s"),
                      r.get("prompt_tokens"), r.get("decode_tok_s"), r.get("text_prefill600_s"),
                      r.get("text_decode_tok_s"), r.get("bandwidth_limit_tok_s"), r.get("fraction_of_limit"),
-                     r.get("rss_above_base_mb")])
+                     r.get("rss_above_base_mb"), r.get("text_rss_above_base_mb")])
     lines += _table(["model", "engine", "variant", "image encode s", "prefill s (image+prompt)", "prompt tokens",
                      "decode tok/s", "text prefill 600 s", "text decode tok/s", "bandwidth limit tok/s",
-                     "fraction of limit", "RSS above base MiB"], rows)
+                     "fraction of limit", "RSS above base MiB", "text methods alone: RSS MiB"], rows)
     return lines
 
 

@@ -27,7 +27,10 @@ ExecuTorch, two processes per .pte:
   ``text_prefill600_s`` = text_decoder alone on a 600-position prefill of embeddings
   (seeded random token ids through token_embedding; the figure to put beside llama.cpp's
   600-token prefill), ``text_decode_tok_s`` = text_decoder single-token steps at positions
-  600.. (greedy, time of the decoder calls only).
+  600.. (greedy, time of the decoder calls only). The text methods are loaded and timed
+  first, alone: ``text_rss_above_base_mb`` is the peak up to then (token embedding + text
+  decoder, the counterpart of a text-only engine such as llama.cpp); the vision encoder is
+  loaded after them.
 
 transformers eager (``LlavaForConditionalGeneration``, fp32 / bf16, ``torch.set_num_threads``,
 ``inference_mode``): ``image_encode_s`` = ``get_image_features`` (vision tower + projector),
@@ -410,13 +413,12 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
         from executorch.runtime import Runtime
 
         meta = read_program_meta(Path(pte))
+        # The text methods first, alone: their peak is the figure to put beside a text-only
+        # engine (llama.cpp); the vision encoder is loaded after them.
+        measure.reset_peak_rss()  # drop the transient of reading the metadata
         program = Runtime.get().load_program(Path(pte))
-        vision = program.load_method("vision_encoder")
         embed = program.load_method("token_embedding")
         decoder = program.load_method("text_decoder")
-    pixels = load_pixels(Path(image), meta.image_size)[None]
-    if vision.metadata.input_tensor_meta(0).dtype() == 6:  # a float32 vision input
-        pixels = pixels.float()
     n = TEXT_PREFILL_TOKENS
     if meta.max_context_len < n + 1:
         raise ValueError(f"{pte}: a context of {meta.max_context_len} positions has no room for the {n}-token "
@@ -432,7 +434,6 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
             out = decoder.execute([embeds[:, i: i + chunk], torch.tensor([i], dtype=torch.long)])[0]
         return out
 
-    vision_s = _timed(lambda: vision.execute([pixels]), repeats)
     prefill_s, decode_s = [], []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
@@ -446,7 +447,16 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
             logits = decoder.execute([e, torch.tensor([pos], dtype=torch.long)])[0]
             total += time.perf_counter() - t0
         decode_s.append(total)
+    text_peak = measure.peak_rss_mb()
+    with native_output_captured():
+        vision = program.load_method("vision_encoder")
+    pixels = load_pixels(Path(image), meta.image_size)[None]
+    if vision.metadata.input_tensor_meta(0).dtype() == 6:  # a float32 vision input
+        pixels = pixels.float()
+    vision_s = _timed(lambda: vision.execute([pixels]), repeats)
     return {
+        "text_rss_above_base_mb": (None if measure.baseline_mb is None
+                                   else round(text_peak - measure.baseline_mb, 1)),
         "vision_encoder_s": round(median(vision_s), 5),
         "text_prefill600_s": round(median(prefill_s[1:]), 5),
         "text_prefill_chunk": chunk,
