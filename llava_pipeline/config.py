@@ -23,6 +23,9 @@ EMBEDDING_BITS = (8, "none")
 # How int4/int8 scales are chosen: HQQ (scale-only, ExecuTorch's default; ~10 s per 45M-weight
 # linear on 2 cores) or plain per-group min/max ("affine", ~0.3 s, same format and speed).
 QPARAMS = {"hqq": "hqq_scale_only", "affine": "affine"}
+# The vision tower + projector: fp32, or int8 per-channel weights with dynamic int8 activations
+# (ExecuTorch's own LLaVA example quantizes its image encoder to int8 as well).
+VISION_SCHEMES = ("none", "8da8w")
 BUILTIN_SOURCES = ("builtin:tiny", "builtin:llava-7b-shape")
 
 
@@ -60,6 +63,8 @@ class QuantConfig:
     embedding_bits: Any = 8
     # hqq | affine (see QPARAMS)
     qparams: str = "hqq"
+    # none | 8da8w: the vision tower's and projector's linears (see VISION_SCHEMES)
+    vision: str = "none"
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         )
     if q.qparams not in QPARAMS:
         raise ConfigError(f"quant.qparams: got {q.qparams!r} (allowed: {', '.join(QPARAMS)})")
+    if q.vision not in VISION_SCHEMES:
+        raise ConfigError(f"quant.vision: got {q.vision!r} (allowed: {', '.join(VISION_SCHEMES)})")
     if cfg.export.kv_cache not in KV_CACHES:
         raise ConfigError(f"export.kv_cache: got {cfg.export.kv_cache!r} (allowed: {', '.join(KV_CACHES)})")
     if cfg.export.max_seq_len < 2:

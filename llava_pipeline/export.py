@@ -9,6 +9,7 @@ exported and lowered on its own with its own partitioner list.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -68,22 +69,33 @@ def export_methods(model, args) -> dict[str, ExportedProgram]:
     return programs
 
 
-def partitioners(method: str, quantized: bool) -> list:
+def partitioners(method: str, dynamic_quant: bool) -> list:
     """XNNPACK partitioner list per method.
 
-    A dynamically quantized decoder needs the dynamic-quant partitioner first
-    (per-op, so each quantized linear becomes its own delegate call with its
-    activation quantization), then the fp32 partitioner for the rest.
+    A method with dynamically quantized linears needs the dynamic-quant partitioner
+    first (per-op, so each quantized linear becomes its own delegate call with its
+    activation quantization, and its unpacked weights are freed as soon as they are
+    packed), then the fp32 partitioner for the rest.
     """
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    if quantized and method == "text_decoder":
+    if dynamic_quant:
         return [
             XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True),
             XnnpackPartitioner(),
         ]
     return [XnnpackPartitioner()]
+
+
+def dynamic_quant_methods(quant) -> frozenset[str]:
+    """The methods whose linears `quant` quantizes with dynamic int8 activations."""
+    out = set()
+    if quant.scheme != "none":
+        out.add("text_decoder")
+    if quant.vision != "none":
+        out.add("vision_encoder")
+    return frozenset(out)
 
 
 def constant_methods(args, bos_id: int, eos_ids: list[int]) -> dict:
@@ -108,13 +120,14 @@ def _compile_config():
     return EdgeCompileConfig(_check_ir_validity=False)
 
 
-def lower(programs: dict[str, ExportedProgram], quantized: bool, constants: dict):
-    """to_edge_transform_and_lower with a partitioner list per method."""
+def lower(programs: dict[str, ExportedProgram], dynamic_quant: Collection[str], constants: dict):
+    """to_edge_transform_and_lower with a partitioner list per method (`dynamic_quant`: the
+    methods with dynamically quantized linears)."""
     from executorch.exir import to_edge_transform_and_lower
 
     return to_edge_transform_and_lower(
         programs,
-        partitioner={m: partitioners(m, quantized) for m in programs},
+        partitioner={m: partitioners(m, m in dynamic_quant) for m in programs},
         constant_methods=constants,
         compile_config=_compile_config(),
     )
@@ -159,13 +172,13 @@ WORKSPACE_SHARING = {
 }
 
 
-def check_delegation(summary: dict, quantized: bool) -> None:
+def check_delegation(summary: dict, dynamic_quant: Collection[str]) -> None:
     """Post-condition of lowering: every method delegated, no heavy op left behind."""
     for method, info in summary.items():
         # An embedding lookup has no XNNPACK kernel: token_embedding may stay portable.
         if info["delegate_calls"] == 0 and method != "token_embedding":
             raise RuntimeError(f"{method}: nothing was delegated to XNNPACK")
-        heavy = _MUST_DELEGATE + (_DYNAMIC_QUANT_OPS if quantized else ())
+        heavy = _MUST_DELEGATE + (_DYNAMIC_QUANT_OPS if method in dynamic_quant else ())
         left = [op for op in info["undelegated_ops"] if op.startswith(heavy)]
         if left:
             raise RuntimeError(f"{method}: {left} left outside XNNPACK")

@@ -14,9 +14,10 @@ def body(ctx: stage.StageContext) -> None:
     programs = export.export_methods(model, args)
     del model
     constants = model_io.constant_methods(args)
-    edge = export.lower(programs, quantized=quant.scheme != "none", constants=constants)
+    dynamic_quant = export.dynamic_quant_methods(quant)
+    edge = export.lower(programs, dynamic_quant=dynamic_quant, constants=constants)
     summary = export.delegation_summary(edge)
-    export.check_delegation(summary, quantized=quant.scheme != "none")
+    export.check_delegation(summary, dynamic_quant=dynamic_quant)
     export.save_edge(edge, ctx.out)
     stage.write_json(ctx.out / "constant_methods.json", constants)
     ctx.extra["quant"] = dataclasses.asdict(quant)

@@ -26,7 +26,7 @@ class _Net(nn.Module):
 def lowered():
     nets = {name: _Net(i).eval() for i, name in enumerate(export.METHODS)}
     programs = {name: torch.export.export(net, (torch.randn(2, 128),)) for name, net in nets.items()}
-    return nets, export.lower(programs, quantized=False, constants={"get_max_seq_len": 8})
+    return nets, export.lower(programs, dynamic_quant=(), constants={"get_max_seq_len": 8})
 
 
 def test_roundtrip_gives_the_same_program(lowered, tmp_path):

@@ -4,7 +4,7 @@ Exports run stage by stage in scratch projects under outputs/bench/work/: the ti
 (8da4w) and, for the 7B-shape preset, quant.scheme=none (fp32), the preset's 8da4w and an
 8da4w export one text and one vision layer deeper (stopping at to_executorch), so that
 per-layer costs are measured, not assumed, and scaled to the real 32 text + 24 vision
-layers (`--kv8` adds the int8 KV cache variant). Then the run-time side
+layers (`--kv8` adds the int8 KV cache variant, `--vision8` the int8 vision tower). Then the run-time side
 (llava_pipeline.bench.runtime) times the 7B-shape .pte files in ExecuTorch's
 MultimodalRunner and transformers eager fp32/bf16 on the same weights, image and prompt,
 with the memory bandwidth measured in the same run. Writes outputs/bench/export.json and
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                          "say nothing about a real model)")
     ap.add_argument("--kv8", action="store_true",
                     help="also export and time the 8da4w model with export.kv_cache=int8")
+    ap.add_argument("--vision8", action="store_true",
+                    help="also export and time the 8da4w model with quant.vision=8da8w (int8 vision tower)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             t, v = _depth(p)
             if args.kv8:
                 plans.append(("8da4w-kv8", [f"model={model}", "export.kv_cache=int8"], "fp32"))
+            if args.vision8:
+                plans.append(("8da4w-vision8", [f"model={model}", "quant.vision=8da8w"], "fp32"))
             # One text and one vision layer more: per-layer costs measured, not assumed.
             plans.append(("8da4w-deeper", [f"model={model}", f"model.text_layers={t + 1}",
                                            f"model.vision_layers={v + 1}"], None))
