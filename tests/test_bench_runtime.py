@@ -162,8 +162,9 @@ def test_measure_all_rows_with_fake_cases(tmp_path, monkeypatch):
                             "Q?", tokenizer=tmp_path / "tokenizer.bin", threads=2, hf_dtypes=("fp32", "bf16"),
                             isolated=_fake_isolated(calls))
     assert [c[0] for c in calls] == ["bandwidth_case", "executorch_runner_case", "executorch_methods_case",
-                                     "executorch_runner_case", "executorch_methods_case",
-                                     "transformers_case", "transformers_case"]
+                                     "bandwidth_case", "executorch_runner_case", "executorch_methods_case",
+                                     "bandwidth_case", "transformers_case", "bandwidth_case", "transformers_case",
+                                     "bandwidth_case"]
     assert all(c[2] == 2 for c in calls)
     assert [(r["engine"], r["variant"]) for r in result["rows"]] == [
         ("executorch", "q"), ("executorch", "f"), ("transformers", "fp32"), ("transformers", "bf16")]
@@ -183,6 +184,47 @@ def test_measure_all_rows_with_fake_cases(tmp_path, monkeypatch):
     assert 0 <= q["methods_machine_busy_before"] <= 1 and "machine_busy_before" not in result
     assert str(tmp_path) not in json.dumps(result)
     assert all("prompt_ids" not in r for r in result["rows"])
+
+
+def test_executorch_cases_in_several_processes_give_medians(tmp_path, monkeypatch):
+    for name in ("a.pte", "b.pte", "tokenizer.bin"):
+        (tmp_path / name).write_bytes(b"12345")
+    counted = rt.PteBytes(weight_bytes=1_000_000_000, named_data_bytes=1, inline_constant_bytes=0,
+                          other_constant_bytes=0, position_table_bytes=0, kv_bytes_per_position=0,
+                          kv_buffers=4, delegates=1)
+    monkeypatch.setattr(rt, "pte_method_bytes", lambda pte: counted)
+    monkeypatch.chdir(tmp_path)
+    calls, rates, bandwidths = [], iter([10.0, 30.0, 12.0, 50.0]), iter([20.0, 25.0, 22.0])
+    fake = _fake_isolated(calls)
+
+    def isolated(target, kwargs, **kw):
+        out = fake(target, kwargs, **kw)
+        if target.endswith("executorch_runner_case"):
+            out["decode_tok_s"] = next(rates)
+            out["steps"] = 3
+        if target.endswith("bandwidth_case"):
+            out["bandwidth_gb_s"] = next(bandwidths)
+        return out
+
+    result = rt.measure_all([("q", tmp_path / "a.pte"), ("f", tmp_path / "b.pte")], tmp_path, tmp_path / "i.jpg",
+                            tokenizer=tmp_path / "tokenizer.bin", engines=("executorch",),
+                            processes={"q": 3}, isolated=isolated)
+    names = [c[0] for c in calls]
+    assert names.count("executorch_runner_case") == 4 and names.count("executorch_methods_case") == 4
+    q, f = result["rows"]
+    assert (q["processes"], f["processes"]) == (3, 1)
+    assert q["decode_tok_s"] == 12.0 and f["decode_tok_s"] == 50.0  # median of 10, 30, 12
+    assert q["steps"] == 3 and isinstance(q["steps"], int)
+    # the highest bandwidth, measured before each case and after the last, sets the limit
+    assert result["bandwidth_gb_s"] == 25.0 and result["bandwidth_runs_gb_s"] == [20.0, 25.0, 22.0]
+    assert q["bandwidth_limit_tok_s"] == pytest.approx(25.0)
+
+
+def test_merge_processes():
+    runs = [{"a": 1.0, "b": None, "c": "x", "n": 2}, {"a": 3.0, "b": 1.0, "c": "y", "n": 4},
+            {"a": 2.0, "b": 2.0, "c": "z", "n": 3}]
+    assert rt.merge_processes(runs) == {"a": 2.0, "b": None, "c": "x", "n": 3, "processes": 3}
+    assert rt.merge_processes(runs[:1]) == {**runs[0], "processes": 1}
 
 
 def test_measure_all_rejects_bad_arguments(tmp_path):

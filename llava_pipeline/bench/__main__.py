@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=3,
+                    help="processes each 8da4w case (the ones judged against the targets) runs in; "
+                         "its numbers are medians over them")
     ap.add_argument("--skip-export", action="store_true", help="reuse the scratch exports already there")
     ap.add_argument("--skip-runtime", action="store_true")
     ap.add_argument("--download-only", action="store_true",
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer=pairs[0][1] / "tokenizer.bin",
                 checkpoint=pairs[0][1] / "download",
                 image=args.image, prompt=args.prompt, decode_tokens=args.decode_tokens,
-                repeats=args.repeats,
+                repeats=args.repeats, processes={v: args.processes for v in variants if v.startswith("8da4w")},
             )
             for r in result["rows"]:
                 r["model"] = model

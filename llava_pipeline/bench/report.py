@@ -88,9 +88,14 @@ def profile_section(profiles: dict) -> list[str]:
 
 
 def runtime_section(rt: dict, title: str) -> list[str]:
+    runs = rt.get("bandwidth_runs_gb_s")
+    spread = f" (the highest of {', '.join(_fmt(b, 1) for b in runs)}, measured before each case and after the last)" if runs else ""
+    repeated = sorted({r["variant"] for r in rt["rows"] if (r.get("processes") or 1) > 1})
     lines = [f"## {title}", "",
              f"{rt.get('threads')} threads; memory read bandwidth measured in the same run: "
-             f"{_fmt(rt.get('bandwidth_gb_s'), 1)} GB/s.", ""]
+             f"{_fmt(rt.get('bandwidth_gb_s'), 1)} GB/s{spread}."
+             + (f" Rows {', '.join(repeated)}: medians over {max(r.get('processes') or 1 for r in rt['rows'])} "
+                "processes." if repeated else ""), ""]
     rows = []
     for r in rt["rows"]:
         rows.append([r.get("model", ""), r["engine"], r["variant"], r.get("image_encode_s"), r.get("prefill_s"),
