@@ -169,15 +169,18 @@ def test_measure_all_rows_with_fake_cases(tmp_path, monkeypatch):
     assert [(r["engine"], r["variant"]) for r in result["rows"]] == [
         ("executorch", "q"), ("executorch", "f"), ("transformers", "fp32"), ("transformers", "bf16")]
     q = result["rows"][0]
-    # 1 GB weights + 1 MB x 100 positions at 20 GB/s: 18.18 tok/s; measured 10
-    assert q["bandwidth_limit_tok_s"] == pytest.approx(20e9 / 1.1e9, rel=1e-4)
-    assert q["fraction_of_limit"] == pytest.approx(10 / (20e9 / 1.1e9), rel=1e-3)
-    assert q["text_bandwidth_limit_tok_s"] == pytest.approx(20e9 / 1.2e9, rel=1e-4)
+    # the text decode streams 1 GB weights + 1 MB x 200 positions 20 times a second: 24 GB/s,
+    # above the 20 GB/s probe, so 24 GB/s is the machine's; runner decode (context 100): 21.8 tok/s
+    assert result["bandwidth_gb_s"] == 24.0 and result["bandwidth_probe_gb_s"] == 20.0
+    assert result["bandwidth_reached_by"] == "executorch q text decode"
+    assert q["bandwidth_limit_tok_s"] == pytest.approx(24e9 / 1.1e9, rel=1e-4)
+    assert q["fraction_of_limit"] == pytest.approx(10 / (24e9 / 1.1e9), rel=1e-3)
+    assert q["text_bandwidth_limit_tok_s"] == pytest.approx(20.0, rel=1e-4) and q["text_fraction_of_limit"] == 1.0
     assert q["methods_rss_above_base_mb"] == 50.0 and q["rss_above_base_mb"] == 50.0
     assert q["pte"] == "a.pte" and q["pte_bytes"] == 5
     assert [r["prompt_ids_match_executorch"] for r in result["rows"]] == [True, True, True, False]
-    assert result["rows"][2]["bandwidth_limit_tok_s"] == pytest.approx(10.0)
-    assert result["bandwidth_gb_s"] == 20.0 and result["kind"] == "runtime" and result["prompt"] == "Q?"
+    assert result["rows"][2]["bandwidth_limit_tok_s"] == pytest.approx(12.0)  # 2 GB per token at 24 GB/s
+    assert result["kind"] == "runtime" and result["prompt"] == "Q?"
     assert "rss_above_base_mb" not in result  # the bandwidth process's memory is no row's
     assert all(isinstance(r["load_avg_1m"], float) for r in result["rows"])
     assert all(0 <= r["machine_busy_before"] <= 1 for r in result["rows"])
@@ -194,7 +197,7 @@ def test_executorch_cases_in_several_processes_give_medians(tmp_path, monkeypatc
                           kv_buffers=4, delegates=1)
     monkeypatch.setattr(rt, "pte_method_bytes", lambda pte: counted)
     monkeypatch.chdir(tmp_path)
-    calls, rates, bandwidths = [], iter([10.0, 30.0, 12.0, 50.0]), iter([20.0, 25.0, 22.0])
+    calls, rates, bandwidths = [], iter([1.0, 3.0, 1.2, 5.0]), iter([20.0, 25.0, 22.0])
     fake = _fake_isolated(calls)
 
     def isolated(target, kwargs, **kw):
@@ -213,11 +216,25 @@ def test_executorch_cases_in_several_processes_give_medians(tmp_path, monkeypatc
     assert names.count("executorch_runner_case") == 4 and names.count("executorch_methods_case") == 4
     q, f = result["rows"]
     assert (q["processes"], f["processes"]) == (3, 1)
-    assert q["decode_tok_s"] == 12.0 and f["decode_tok_s"] == 50.0  # median of 10, 30, 12
+    assert q["decode_tok_s"] == 1.2 and f["decode_tok_s"] == 5.0  # median of 1, 3, 1.2
     assert q["steps"] == 3 and isinstance(q["steps"], int)
     # the highest bandwidth, measured before each case and after the last, sets the limit
     assert result["bandwidth_gb_s"] == 25.0 and result["bandwidth_runs_gb_s"] == [20.0, 25.0, 22.0]
-    assert q["bandwidth_limit_tok_s"] == pytest.approx(25.0)
+    assert result["bandwidth_reached_by"] == "probe" and q["bandwidth_limit_tok_s"] == pytest.approx(25.0)
+
+
+def test_a_decode_faster_than_the_probe_sets_the_limit():
+    rows = [{"engine": "executorch", "variant": "fp32", "weight_bytes_per_token": 2_000_000_000,
+             "kv_bytes_per_position": 0, "decode_mean_context": 10.0, "decode_tok_s": 20.0,
+             "weights_fit_in_cache": False},
+            {"engine": "executorch", "variant": "tiny", "weight_bytes_per_token": 1_000_000,
+             "kv_bytes_per_position": 0, "decode_mean_context": 10.0, "decode_tok_s": 90000.0,
+             "weights_fit_in_cache": True}]
+    rows = [rt.add_bandwidth_fields(r, 30.0) for r in rows]
+    assert rows[0]["achieved_gb_s"] == 40.0 and rows[0]["fraction_of_limit"] > 1
+    # 40 GB/s streamed from DRAM beats the 30 GB/s probe; the cache-resident 90 GB/s does not count
+    assert rt.machine_bandwidth([25.0, 30.0], rows) == (40.0, "executorch fp32 runner decode")
+    assert rt.machine_bandwidth([45.0], rows) == (45.0, "probe")
 
 
 def test_merge_processes():

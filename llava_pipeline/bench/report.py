@@ -89,22 +89,26 @@ def profile_section(profiles: dict) -> list[str]:
 
 def runtime_section(rt: dict, title: str) -> list[str]:
     runs = rt.get("bandwidth_runs_gb_s")
-    spread = f" (the highest of {', '.join(_fmt(b, 1) for b in runs)}, measured before each case and after the last)" if runs else ""
+    spread = f" (probe before each case and after the last: {', '.join(_fmt(b, 1) for b in runs)}" if runs else ""
+    if runs and rt.get("bandwidth_reached_by", "probe") != "probe":
+        spread += f"; reached by {rt['bandwidth_reached_by']}"
+    spread += ")" if runs else ""
     repeated = sorted({r["variant"] for r in rt["rows"] if (r.get("processes") or 1) > 1})
     lines = [f"## {title}", "",
-             f"{rt.get('threads')} threads; memory read bandwidth measured in the same run: "
+             f"{rt.get('threads')} threads; memory read bandwidth, the highest reached in the same run: "
              f"{_fmt(rt.get('bandwidth_gb_s'), 1)} GB/s{spread}."
              + (f" Rows {', '.join(repeated)}: medians over {max(r.get('processes') or 1 for r in rt['rows'])} "
                 "processes." if repeated else ""), ""]
     rows = []
     for r in rt["rows"]:
         rows.append([r.get("model", ""), r["engine"], r["variant"], r.get("image_encode_s"), r.get("prefill_s"),
-                     r.get("prompt_tokens"), r.get("decode_tok_s"), r.get("text_prefill600_s"),
-                     r.get("text_decode_tok_s"), r.get("bandwidth_limit_tok_s"), r.get("fraction_of_limit"),
-                     r.get("rss_above_base_mb"), r.get("text_rss_above_base_mb")])
+                     r.get("prompt_tokens"), r.get("decode_tok_s"), r.get("fraction_of_limit"),
+                     r.get("text_prefill600_s"), r.get("text_decode_tok_s"), r.get("text_achieved_gb_s"),
+                     r.get("text_fraction_of_limit"), r.get("rss_above_base_mb"), r.get("text_rss_above_base_mb")])
     lines += _table(["model", "engine", "variant", "image encode s", "prefill s (image+prompt)", "prompt tokens",
-                     "decode tok/s", "text prefill 600 s", "text decode tok/s", "bandwidth limit tok/s",
-                     "fraction of limit", "RSS above base MiB", "text methods alone: RSS MiB"], rows)
+                     "decode tok/s", "fraction of limit", "text prefill 600 s", "text decode tok/s",
+                     "text decode GB/s read", "text fraction of limit", "RSS above base MiB",
+                     "text methods alone: RSS MiB"], rows)
     return lines
 
 
