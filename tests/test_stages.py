@@ -120,7 +120,8 @@ def transformed(tmp_path_factory, tiny_ckpt) -> Path:
 def test_quantize_override_on_top_of_params(transformed):
     run_stage(transformed, "quantize", "quant.group_size=64")
     manifest = json.loads((transformed / "outputs" / "quantize" / "manifest.json").read_text())
-    assert manifest["config"]["quant"] == {"scheme": "8da4w", "group_size": 64, "embedding_bits": 8, "qparams": "hqq"}
+    assert manifest["config"]["quant"] == {"scheme": "8da4w", "group_size": 64, "embedding_bits": 8, "qparams": "hqq",
+                                           "vision": "none"}
 
 
 def test_bad_group_size_rejected_before_work_nothing_lost(transformed):
