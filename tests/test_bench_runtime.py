@@ -149,14 +149,19 @@ def _fake_isolated(calls):
     return isolated
 
 
-def test_measure_all_rows_with_fake_cases(tmp_path, monkeypatch):
+def _fake_ptes(tmp_path, monkeypatch, kv_bytes_per_position: int) -> None:
+    """a.pte, b.pte and tokenizer.bin in tmp_path (the cwd), each counted as 1 GB of weights."""
     for name in ("a.pte", "b.pte", "tokenizer.bin"):
         (tmp_path / name).write_bytes(b"12345")
     counted = rt.PteBytes(weight_bytes=1_000_000_000, named_data_bytes=1, inline_constant_bytes=0,
-                          other_constant_bytes=0, position_table_bytes=0, kv_bytes_per_position=1_000_000,
-                          kv_buffers=4, delegates=1)
+                          other_constant_bytes=0, position_table_bytes=0,
+                          kv_bytes_per_position=kv_bytes_per_position, kv_buffers=4, delegates=1)
     monkeypatch.setattr(rt, "pte_method_bytes", lambda pte: counted)
     monkeypatch.chdir(tmp_path)
+
+
+def test_measure_all_rows_with_fake_cases(tmp_path, monkeypatch):
+    _fake_ptes(tmp_path, monkeypatch, kv_bytes_per_position=1_000_000)
     calls = []
     result = rt.measure_all([("q", tmp_path / "a.pte"), ("f", tmp_path / "b.pte")], tmp_path, tmp_path / "img.jpg",
                             "Q?", tokenizer=tmp_path / "tokenizer.bin", threads=2, hf_dtypes=("fp32", "bf16"),
@@ -190,13 +195,7 @@ def test_measure_all_rows_with_fake_cases(tmp_path, monkeypatch):
 
 
 def test_executorch_cases_in_several_processes_give_medians(tmp_path, monkeypatch):
-    for name in ("a.pte", "b.pte", "tokenizer.bin"):
-        (tmp_path / name).write_bytes(b"12345")
-    counted = rt.PteBytes(weight_bytes=1_000_000_000, named_data_bytes=1, inline_constant_bytes=0,
-                          other_constant_bytes=0, position_table_bytes=0, kv_bytes_per_position=0,
-                          kv_buffers=4, delegates=1)
-    monkeypatch.setattr(rt, "pte_method_bytes", lambda pte: counted)
-    monkeypatch.chdir(tmp_path)
+    _fake_ptes(tmp_path, monkeypatch, kv_bytes_per_position=0)
     calls, rates, bandwidths = [], iter([1.0, 3.0, 1.2, 5.0]), iter([20.0, 25.0, 22.0])
     fake = _fake_isolated(calls)
 

@@ -88,11 +88,11 @@ def profile_section(profiles: dict) -> list[str]:
 
 
 def runtime_section(rt: dict, title: str) -> list[str]:
-    runs = rt.get("bandwidth_runs_gb_s")
-    spread = f" (probe before each case and after the last: {', '.join(_fmt(b, 1) for b in runs)}" if runs else ""
-    if runs and rt.get("bandwidth_reached_by", "probe") != "probe":
-        spread += f"; reached by {rt['bandwidth_reached_by']}"
-    spread += ")" if runs else ""
+    runs, reached = rt.get("bandwidth_runs_gb_s"), rt.get("bandwidth_reached_by", "probe")
+    spread = ""
+    if runs:
+        by = "" if reached == "probe" else f"; reached by {reached}"
+        spread = f" (probe before each case and after the last: {', '.join(_fmt(b, 1) for b in runs)}{by})"
     repeated = sorted({r["variant"] for r in rt["rows"] if (r.get("processes") or 1) > 1})
     lines = [f"## {title}", "",
              f"{rt.get('threads')} threads; memory read bandwidth, the highest reached in the same run: "
