@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # Library deprecation chatter (torch, executorch, torchao) drowns the stage logs.
 export PYTHONWARNINGS := ignore
 
-QUESTION ?= What is shown in this picture?
+QUESTION ?= Describe the picture.
 
 .PHONY: run venv export demo test test-fast clean bench bench-peers bench-7b
 
@@ -29,12 +29,14 @@ $(BIN)/.installed-bench: $(BIN)/.installed
 	touch $@
 
 export: venv
-	dvc repro
+	@dvc repro --quiet
 
 demo: venv
-	$(BIN)/python -m llava_pipeline.run --model_path=outputs/llava.pte \
+	@echo "Q: $(QUESTION)"
+	@$(BIN)/python -m llava_pipeline.run --model_path=outputs/llava.pte \
 	  --tokenizer_path=outputs/tokenizer.bin --image_path=outputs/image.pt \
 	  --prompt="$(QUESTION)" --seq_len=768 --temperature=0 --max_new_tokens=64
+	@$(BIN)/python -m llava_pipeline.evaluate
 
 run: export demo
 
@@ -45,7 +47,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 # Benchmarks (not part of `make test`): results in outputs/bench/ (results.md, plot.png,
-# JSON metrics for `dvc metrics show` / `dvc plots show`).
+# JSON metrics for `dvc metrics show outputs/bench` / `dvc plots show`).
 bench: $(BIN)/.installed-bench
 	$(BIN)/python -m llava_pipeline.bench
 

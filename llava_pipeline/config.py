@@ -26,7 +26,7 @@ QPARAMS = {"hqq": "hqq_scale_only", "affine": "affine"}
 # The vision tower + projector: fp32, or int8 per-channel weights with dynamic int8 activations
 # (ExecuTorch's own LLaVA example quantizes its image encoder to int8 as well).
 VISION_SCHEMES = ("none", "8da8w")
-BUILTIN_SOURCES = ("builtin:tiny", "builtin:llava-7b-shape")
+BUILTIN_SOURCES = ("builtin:tiny", "builtin:tiny-random", "builtin:llava-7b-shape")
 
 
 class ConfigError(ValueError):
@@ -77,11 +77,36 @@ class EmitConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    # What the export is scored on (llava_pipeline.evalset): "shapes" (seeded scenes of the
+    # built-in model's task, with right answers), "photos" (the shipped photographs x general
+    # questions), or a folder holding images and a questions.jsonl.
+    set: str = "photos"
+    # shapes: number of seeded scenes (one question of each type per scene) and their seed.
+    scenes: int = 40
+    seed: int = 1234
+    # Longest answer generated, by the reference and by the .pte.
+    max_new_tokens: int = 32
+    # dtype of the transformers reference: float32, or bfloat16 (a 7B fits in 24 GiB).
+    reference_dtype: str = "float32"
+    # Reference log-probabilities kept per answer token for the KL divergence (the rest of
+    # the vocabulary is one bucket).
+    top_k: int = 64
+    # Quality floors: the stage fails, naming the metric, when the .pte falls below one.
+    # min_accuracy applies to every question type with right answers.
+    min_accuracy: float = 0.0
+    min_agreement: float = 0.0
+    min_top1: float = 0.0
+    max_kl: float | None = None
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     emit: EmitConfig = field(default_factory=EmitConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def section(self, name: str) -> dict:
         """The resolved values of one top-level section, for manifests."""
@@ -94,6 +119,7 @@ _SECTION_TYPES = {
     "export": ExportConfig,
     "quant": QuantConfig,
     "emit": EmitConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -110,6 +136,10 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
     if base == "str":
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -184,6 +214,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         low = 2 if key == "vision_layers" else 1  # LLaVA-1.5 reads the second-to-last CLIP layer
         if n < low:
             raise ConfigError(f"model.{key}: must be at least {low}, got {n}")
+        if src == "builtin:tiny":
+            raise ConfigError(f"model.{key}: builtin:tiny is a trained checkpoint whose depth is fixed (use null)")
     if source_kind(src) == "hub":
         rev = cfg.model.revision or ""
         if not _COMMIT.fullmatch(rev):
@@ -194,7 +226,29 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"emit.verify_steps: must be at least 1, got {cfg.emit.verify_steps}")
     if not cfg.emit.image:
         raise ConfigError("emit.image: must name an image file")
+    _validate_evaluate(cfg.evaluate)
     return cfg
+
+
+EVAL_SETS = ("shapes", "photos")
+REFERENCE_DTYPES = ("float32", "bfloat16")
+
+
+def _validate_evaluate(e: EvaluateConfig) -> None:
+    if e.set not in EVAL_SETS and not Path(e.set).is_dir():
+        raise ConfigError(f"evaluate.set: {e.set!r} is neither {' nor '.join(EVAL_SETS)} nor a folder")
+    if e.set not in EVAL_SETS and not (Path(e.set) / "questions.jsonl").is_file():
+        raise ConfigError(f"evaluate.set: {Path(e.set) / 'questions.jsonl'} not found")
+    for key, low in (("scenes", 1), ("max_new_tokens", 1), ("top_k", 1)):
+        if getattr(e, key) < low:
+            raise ConfigError(f"evaluate.{key}: must be at least {low}, got {getattr(e, key)}")
+    if e.reference_dtype not in REFERENCE_DTYPES:
+        raise ConfigError(f"evaluate.reference_dtype: got {e.reference_dtype!r} (allowed: {', '.join(REFERENCE_DTYPES)})")
+    for key in ("min_accuracy", "min_agreement", "min_top1"):
+        if not 0.0 <= getattr(e, key) <= 1.0:
+            raise ConfigError(f"evaluate.{key}: must be between 0 and 1, got {getattr(e, key)}")
+    if e.max_kl is not None and e.max_kl < 0:
+        raise ConfigError(f"evaluate.max_kl: must be >= 0 or null, got {e.max_kl}")
 
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")

@@ -1,6 +1,6 @@
 """Getting an HF-format LLaVA checkpoint into a folder.
 
-Three sources: a built-in random model (`builtin:tiny`, `builtin:llava-7b-shape`), a Hugging Face
+Three sources: a built-in model (`builtin:tiny`, `builtin:tiny-random`, `builtin:llava-7b-shape`), a Hugging Face
 hub repo pinned to a revision, or a local HF-format directory. Only the hub
 path touches the network, and it honours HF_HUB_OFFLINE and the local HF cache.
 """
@@ -32,7 +32,10 @@ CHECKPOINT_PATTERNS = (
 )
 REQUIRED = ("config.json", "tokenizer.model", "preprocessor_config.json")
 
-TINY_TOKENIZER_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "llama2.model"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TINY_TOKENIZER_MODEL = ASSETS / "tokenizer" / "llama2.model"
+# builtin:tiny: the committed checkpoint trained on the shapes task (its README.md is the model card).
+BUILTIN_TINY = ASSETS / "models" / "tiny"
 
 
 def check_checkpoint(folder: Path) -> dict:
@@ -88,12 +91,17 @@ def write_processor_files(out: Path, config) -> None:
 
 def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = None,
                   vision_layers: int | None = None) -> None:
-    """A built-in random-weight LLaVA in HF format, like llava-hf/llava-1.5-7b-hf.
+    """A built-in LLaVA in HF format, like llava-hf/llava-1.5-7b-hf.
 
-    builtin:tiny: tiny widths, fp32, one file (llava_pipeline.tiny).
-    builtin:llava-7b-shape: LLaVA-1.5-7B's widths, bf16 shards (llava_pipeline.synthetic);
-    default depth 2 text + 3 vision layers (of which 2 run)."""
+    builtin:tiny: the small checkpoint trained on the shapes task, committed in
+    assets/models/tiny (scripts/train_builtin.py made it; `seed` and the depths do not apply).
+    builtin:tiny-random: seeded random weights of tiny widths, fp32 (llava_pipeline.tiny), whose
+    greedy answers run on without EOS: for tests of the runner's long-generation mechanics.
+    builtin:llava-7b-shape: random weights with LLaVA-1.5-7B's widths, bf16 shards
+    (llava_pipeline.synthetic); default depth 2 text + 3 vision layers (of which 2 run)."""
     if source == "builtin:tiny":
+        copy_local(BUILTIN_TINY, out, link=False)
+    elif source == "builtin:tiny-random":
         from .tiny import make_tiny_llava, tiny_llava_config
 
         config = tiny_llava_config()
@@ -114,21 +122,25 @@ def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = N
         raise PipelineError(f"model.source: unknown built-in model {source!r}")
 
 
-def _copy_matching(src: Path, out: Path) -> None:
+def _copy_matching(src: Path, out: Path, link: bool = True) -> None:
     for pattern in CHECKPOINT_PATTERNS:
         for p in sorted(src.glob(pattern)):
             # Hard links avoid a second copy of multi-GB weights where possible.
             try:
+                if not link:
+                    raise OSError
                 os.link(p, out / p.name)
             except OSError:
-                shutil.copy2(p, out / p.name)
+                shutil.copyfile(p, out / p.name)
 
 
-def copy_local(src: Path, out: Path) -> None:
+def copy_local(src: Path, out: Path, link: bool = True) -> None:
+    """The checkpoint files of folder `src` into `out`: hard links where possible
+    (`link=False`: copies, so DVC's cache never shares an inode with the source)."""
     if not src.is_dir():
         raise PipelineError(f"model.source: {src} is not a directory")
     check_checkpoint(src)
-    _copy_matching(src, out)
+    _copy_matching(src, out, link)
 
 
 def download_hub(repo_id: str, revision: str | None, out: Path) -> None:

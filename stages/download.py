@@ -14,6 +14,8 @@ def body(ctx: stage.StageContext) -> None:
     kind = source_kind(m.source)
     if kind == "builtin":
         ctx.read("tokenizer_model", download.TINY_TOKENIZER_MODEL)
+        if m.source == "builtin:tiny":
+            ctx.read("builtin_checkpoint", download.BUILTIN_TINY)
         download.write_builtin(ctx.out, m.source, m.seed, m.text_layers, m.vision_layers)
     elif kind == "local":
         download.copy_local(Path(m.source), ctx.out)

@@ -51,6 +51,7 @@ def publish(ctx: stage.StageContext, folder: Path) -> None:
     # Each artifact is complete in outputs/emit/ before it is renamed into place.
     for name in ARTIFACTS:
         os.replace(folder / name, ctx.outputs / name)
+    ctx.wrote = [ctx.outputs / name for name in ARTIFACTS]
 
 
 def main(argv: list[str] | None = None) -> int:

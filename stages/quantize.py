@@ -15,9 +15,12 @@ def body(ctx: stage.StageContext) -> None:
     # Cheap check before loading any weights: the group size must divide every decoder linear.
     quantize.check_group_size(model_io.decoder_in_features(args), ctx.cfg.quant)
     # Unit by unit (one decoder layer at a time): no fp32 copy of the whole model.
-    model = model_io.load_transformed(
-        src, on_unit=lambda unit, m: quantize.quantize_unit(unit, m, ctx.cfg.quant)
-    )
+    def on_unit(unit, m):
+        ctx.status(f"quantizing {unit}")
+        quantize.quantize_unit(unit, m, ctx.cfg.quant)
+
+    model = model_io.load_transformed(src, on_unit=on_unit)
+    ctx.status("")
     torch.save(model.state_dict(), ctx.out / "model.pt")
     model_io.write_args(args, ctx.out, model_io.load_transforms(src))
 

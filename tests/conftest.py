@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llava_pipeline.stage import STAGES  # the DAG's stage order
+
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("download", "source_transform", "quantize", "partition", "to_executorch", "emit")
 
 
 def make_workdir(dst: Path, **overrides) -> Path:
@@ -44,9 +45,10 @@ def run_stage(workdir: Path, name: str, *overrides: str, check: bool = True):
     return proc
 
 
-def run_pipeline(workdir: Path, start: str = "download") -> Path:
+def run_pipeline(workdir: Path, start: str = "download", skip: tuple[str, ...] = ()) -> Path:
     for name in STAGES[STAGES.index(start):]:
-        run_stage(workdir, name)
+        if name not in skip:
+            run_stage(workdir, name)
     return workdir / "outputs"
 
 
@@ -61,9 +63,23 @@ def export_fp32(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_8da4w(tmp_path_factory, export_fp32) -> Path:
-    """The tiny default (8da4w, 8-bit embedding), reusing the fp32 run's first two stages."""
+    """The tiny default (8da4w, 8-bit embedding), reusing the fp32 run's download,
+    source_transform and reference (the same model, so the same reference answers)."""
     work = make_workdir(tmp_path_factory.mktemp("q8da4w"))
     (work / "outputs").mkdir()
-    for name in ("download", "source_transform"):
+    for name in ("download", "source_transform", "reference"):
         shutil.copytree(export_fp32 / name, work / "outputs" / name)
-    return run_pipeline(work, start="quantize")
+    return run_pipeline(work, start="quantize", skip=("reference",))
+
+
+@pytest.fixture(scope="session")
+def export_random(tmp_path_factory) -> Path:
+    """The random-weight tiny model (model=tiny-random) exported fp32: its greedy answers run on
+    without EOS, for the tests of long generations (context filling, byte pieces, many turns)."""
+    from llava_pipeline.params import compose
+
+    work = tmp_path_factory.mktemp("random")
+    make_workdir(work)
+    data = compose(ROOT / "conf", ["model=tiny-random", "quant.scheme=none", "quant.embedding_bits=none"])
+    (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return run_pipeline(work, skip=("reference", "evaluate"))

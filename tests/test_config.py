@@ -76,6 +76,13 @@ def test_bad_override_names_the_key(override, needle):
         ("emit.verify_steps=0", "emit.verify_steps: must be at least 1"),
         ("model.vision_layers=1", "model.vision_layers: must be at least 2"),
         ("model.text_layers=0", "model.text_layers: must be at least 1"),
+        ("model.text_layers=4", "model.text_layers: builtin:tiny is a trained checkpoint whose depth is fixed"),
+        ("evaluate.set=nosuch", "evaluate.set: 'nosuch' is neither shapes nor photos nor a folder"),
+        ("evaluate.scenes=0", "evaluate.scenes: must be at least 1"),
+        ("evaluate.reference_dtype=fp16", "evaluate.reference_dtype: got 'fp16' (allowed: float32, bfloat16)"),
+        ("evaluate.min_top1=1.5", "evaluate.min_top1: must be between 0 and 1, got 1.5"),
+        ("evaluate.min_accuracy=high", "evaluate.min_accuracy: expected a number"),
+        ("evaluate.max_kl=-1", "evaluate.max_kl: must be >= 0 or null"),
     ],
 )
 def test_invalid_values_are_rejected_with_allowed_values(override, needle):
@@ -114,3 +121,17 @@ def test_group_size_not_dividing_a_layer_names_the_layer():
 def test_missing_params_file(tmp_path):
     with pytest.raises(config.ConfigError, match="params.yaml: parameters file not found"):
         config.load(tmp_path / "params.yaml")
+
+
+def test_evaluate_set_folder_needs_questions(tmp_path):
+    data = config.apply_overrides(_base(), [f"evaluate.set={tmp_path}"])
+    with pytest.raises(config.ConfigError, match="questions.jsonl not found"):
+        config.validate(config.from_dict(data))
+    (tmp_path / "questions.jsonl").write_text('{"image": "a.png", "question": "q"}\n')
+    assert config.validate(config.from_dict(data)).evaluate.set == str(tmp_path)
+
+
+def test_presets_choose_their_eval_set():
+    assert params.compose(CONF, ["model=tiny"])["evaluate"]["set"] == "shapes"
+    big = params.compose(CONF, ["model=llava-1.5-7b"])["evaluate"]
+    assert (big["set"], big["reference_dtype"]) == ("photos", "bfloat16")

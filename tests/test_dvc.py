@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -77,8 +78,28 @@ def test_push_then_pull_into_another_clone_reruns_nothing(project, tmp_path):
 
 def test_group_size_change_reruns_from_quantize(project):
     log = _sh(["dvc", "exp", "run", "-S", "quant.group_size=64"], project)
-    assert _ran(log) == {"quantize", "partition", "to_executorch", "emit"}
+    # The reference depends on download only: a quantization change never recomputes it.
+    assert _ran(log) == {"quantize", "partition", "to_executorch", "emit", "evaluate"}
     assert "group_size: 64" in (project / "params.yaml").read_text()
+    # The experiment carries its own evaluate metrics (metrics/quality.json is a stage output).
+    shown = json.loads(_exp_show_json(project))
+    exps = [r for row in shown for e in (row.get("experiments") or []) for r in e["revs"]]
+    mine = [r["data"] for r in exps
+            if r["data"]["params"]["params.yaml"]["data"]["quant"]["group_size"] == 64]
+    assert mine, shown
+    quality = mine[-1]["metrics"]["metrics/quality.json"]["data"]
+    assert set(quality["accuracy"]) == {"count", "color", "left", "describe"}
+    assert 0 < quality["top1"] <= 1 and quality["kl"] >= 0
+    workspace = json.loads((project / "metrics" / "quality.json").read_text())
+    assert quality == workspace
+
+
+def _exp_show_json(project: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    proc = subprocess.run(["dvc", "exp", "show", "--json", "--no-pager"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
 
 def test_max_seq_len_change_reruns_from_source_transform(project):

@@ -417,11 +417,11 @@ def _answer(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.slow
-def test_flag_forms_and_stats(export_8da4w):
-    eq = run_cli(*cli_args(export_8da4w, max_new_tokens=12))
+def test_flag_forms_and_stats(export_random):
+    eq = run_cli(*cli_args(export_random, max_new_tokens=12))
     spaced = run_cli(
-        "--model_path", str(export_8da4w / "llava.pte"), "--tokenizer_path", str(export_8da4w / "tokenizer.bin"),
-        "--image_path", str(export_8da4w / "image.pt"), "--prompt", QUESTION, "--seq_len", "768",
+        "--model_path", str(export_random / "llava.pte"), "--tokenizer_path", str(export_random / "tokenizer.bin"),
+        "--image_path", str(export_random / "image.pt"), "--prompt", QUESTION, "--seq_len", "768",
         "--temperature", "0", "--max_new_tokens", "12",
     )
     assert _answer(eq) == _answer(spaced) and _answer(eq).strip()
@@ -434,10 +434,10 @@ def test_flag_forms_and_stats(export_8da4w):
 
 
 @pytest.mark.slow
-def test_answers_about_photographs(export_8da4w, photos):
+def test_answers_about_photographs(export_random, photos):
     answers = {}
     for kind in ("jpeg", "png", "gray", "gray_rgb", "rgba", "rgba_white", "exif", "exif_upright", "exif_stored"):
-        answers[kind] = _answer(run_cli(*cli_args(export_8da4w, photos[kind], max_new_tokens=16)))
+        answers[kind] = _answer(run_cli(*cli_args(export_random, photos[kind], max_new_tokens=16)))
         assert answers[kind].strip(), kind
     assert answers["jpeg"] != answers["png"]  # the answer depends on the picture
     assert answers["gray"] == answers["gray_rgb"]  # grayscale is replicated to RGB
@@ -481,17 +481,18 @@ N_PARITY = 40
 
 
 @pytest.fixture(scope="module")
-def hf_reference(export_fp32, photos):
-    hf_new, prompt_ids = _hf_greedy(export_fp32, photos["jpeg"], QUESTION, N_PARITY)
+def hf_reference(export_random, photos):
+    """transformers' greedy answer on the random-weight model: N_PARITY tokens, no EOS."""
+    hf_new, prompt_ids = _hf_greedy(export_random, photos["jpeg"], QUESTION, N_PARITY)
     assert len(hf_new) == N_PARITY
     return hf_new, prompt_ids
 
 
 @pytest.mark.slow
-def test_fp32_cli_equals_transformers_on_a_jpeg(export_fp32, photos, hf_reference):
+def test_fp32_cli_equals_transformers_on_a_jpeg(export_random, photos, hf_reference):
     hf_new, _ = hf_reference
-    proc = run_cli(*cli_args(export_fp32, photos["jpeg"], max_new_tokens=N_PARITY))
-    assert _answer(proc) == _text(_vocab(export_fp32), hf_new)
+    proc = run_cli(*cli_args(export_random, photos["jpeg"], max_new_tokens=N_PARITY))
+    assert _answer(proc) == _text(_vocab(export_random), hf_new)
 
 
 def _swapped_tokenizer(src: Path, dst: Path, swaps: dict[int, int]) -> Path:
@@ -525,7 +526,7 @@ def _byte_fallback_tokenizer(export: Path, tmp_path: Path, answer: list[int], pr
 
 
 @pytest.mark.slow
-def test_binding_raises_on_a_lone_byte_piece(export_fp32, photos, hf_reference, tmp_path):
+def test_binding_raises_on_a_lone_byte_piece(export_random, photos, hf_reference, tmp_path):
     """The problem being worked around, on the real binding: the callback's str conversion
     raises UnicodeDecodeError out of generate(), carrying the bytes, and the runner stays usable."""
     from executorch.extension.llm.runner import GenerationConfig
@@ -534,14 +535,14 @@ def test_binding_raises_on_a_lone_byte_piece(export_fp32, photos, hf_reference, 
     from llava_pipeline.run import load_pixels
 
     hf_new, prompt_ids = hf_reference
-    tokenizer = _byte_fallback_tokenizer(export_fp32, tmp_path, hf_new, prompt_ids)
+    tokenizer = _byte_fallback_tokenizer(export_random, tmp_path, hf_new, prompt_ids)
     vocab = Vocabulary(tokenizer)
     seg = tok_mod.runner_prompt_segments(QUESTION)
     inputs = [token_input(vocab.encode(seg.before_image, 1, 0)), image_input(load_pixels(photos["jpeg"], (336, 336))),
               token_input(vocab.encode(seg.after_image, 0, 0))]
     got: list[str] = []
     with native_output_captured():
-        runner = Runner(export_fp32 / "llava.pte", tokenizer)
+        runner = Runner(export_random / "llava.pte", tokenizer)
         with pytest.raises(UnicodeDecodeError) as info:
             runner._runner.generate(inputs, GenerationConfig(temperature=0, max_new_tokens=8, echo=False),
                                     got.append, None)
@@ -551,14 +552,14 @@ def test_binding_raises_on_a_lone_byte_piece(export_fp32, photos, hf_reference, 
 
 
 @pytest.mark.slow
-def test_fp32_cli_prints_emoji_and_cjk_split_over_byte_pieces(export_fp32, photos, hf_reference, tmp_path):
+def test_fp32_cli_prints_emoji_and_cjk_split_over_byte_pieces(export_random, photos, hf_reference, tmp_path):
     """End to end through the real binding: the first answer token and three later ones are
     lone bytes; the CLI prints exactly the text transformers' ids decode to."""
     hf_new, prompt_ids = hf_reference
-    tokenizer = _byte_fallback_tokenizer(export_fp32, tmp_path, hf_new, prompt_ids)
+    tokenizer = _byte_fallback_tokenizer(export_random, tmp_path, hf_new, prompt_ids)
     expected = _text(Vocabulary(tokenizer), hf_new)
     assert expected.startswith(EMOJI) and CJK in expected and "\ufffd" not in expected
-    proc = run_cli(*cli_args(export_fp32, photos["jpeg"], tokenizer_path=tokenizer, max_new_tokens=N_PARITY))
+    proc = run_cli(*cli_args(export_random, photos["jpeg"], tokenizer_path=tokenizer, max_new_tokens=N_PARITY))
     assert _answer(proc) == expected
     assert "resumed 7x" in proc.stderr
 
@@ -567,16 +568,16 @@ def test_fp32_cli_prints_emoji_and_cjk_split_over_byte_pieces(export_fp32, photo
 
 
 @pytest.mark.slow
-def test_interactive_second_turn_equals_transformers(export_fp32, photos, hf_reference):
+def test_interactive_second_turn_equals_transformers(export_random, photos, hf_reference):
     """Two turns; the second answer is what transformers gives on the whole conversation
     "USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:" (A1 cut at 8 tokens)."""
     hf_new, _ = hf_reference
-    vocab = _vocab(export_fp32)
+    vocab = _vocab(export_random)
     q2 = "What colour is the cat?"
-    proc = run_cli(*cli_args(export_fp32, photos["jpeg"], max_new_tokens=8), "--interactive", stdin=f"{q2}\n")
+    proc = run_cli(*cli_args(export_random, photos["jpeg"], max_new_tokens=8), "--interactive", stdin=f"{q2}\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     turn2 = [vocab.eos] + vocab.encode(f"USER: {q2} ASSISTANT:", 0, 0)
-    hf2, _ = _hf_greedy(export_fp32, photos["jpeg"], QUESTION, 8, extra_ids=hf_new[:8] + turn2)
+    hf2, _ = _hf_greedy(export_random, photos["jpeg"], QUESTION, 8, extra_ids=hf_new[:8] + turn2)
     a1, a2 = _text(vocab, hf_new[:8]), _text(vocab, hf2)
     assert proc.stdout == f"{a1}\n{a2}\n"
     assert a2.strip() and "context full" not in proc.stderr
@@ -584,8 +585,8 @@ def test_interactive_second_turn_equals_transformers(export_fp32, photos, hf_ref
 
 
 @pytest.mark.slow
-def test_interactive_turns_from_stdin_until_context_full(export_8da4w):
-    args = cli_args(export_8da4w, prompt=None, max_new_tokens=8, seq_len=640)
+def test_interactive_turns_from_stdin_until_context_full(export_random):
+    args = cli_args(export_random, prompt=None, max_new_tokens=8, seq_len=640)
     stdin = f"{QUESTION}\n\nShow <image> again\nIs there a cup?\nAnything else?\nAnd now?\n"
     proc = run_cli(*args, "--interactive", stdin=stdin)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -600,8 +601,8 @@ def test_interactive_turns_from_stdin_until_context_full(export_8da4w):
 
 
 @pytest.mark.slow
-def test_interactive_first_answer_fills_the_context(export_8da4w):
-    proc = run_cli(*cli_args(export_8da4w, seq_len=610), "--interactive", stdin="Another question?\n")
+def test_interactive_first_answer_fills_the_context(export_random):
+    proc = run_cli(*cli_args(export_random, seq_len=610), "--interactive", stdin="Another question?\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\n") == 1 and "--seq_len reached" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("context full: 609 of --seq_len 610")

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 from ..params import compose, dump  # noqa: F401  (compose: used by the CLI)
+from ..stage import EXPORT_STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("download", "source_transform", "quantize", "partition", "to_executorch", "emit")
+STAGES = EXPORT_STAGES
 
 
 def make_project(work: Path, overrides: list[str]) -> dict:

@@ -1,0 +1,42 @@
+"""Stage: the transformers reference answers of the eval set (llava_pipeline.reference).
+
+outputs/reference/reference.json  per question: greedy answer ids and text, log-probs
+outputs/reference/pixels.pt       the eval images as the uint8 pixels the .pte gets
+
+Depends on download only, so a quantization sweep never recomputes it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from llava_pipeline import checkpoint_files, evalset, image, reference, stage
+
+
+def body(ctx: stage.StageContext) -> None:
+    e = ctx.cfg.evaluate
+    ckpt = ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
+    if e.set == "photos":
+        for name in evalset.PHOTOS:
+            ctx.read(f"photo {name}", evalset.ASSETS / name)
+    elif e.set != "shapes":
+        ctx.read("eval_set", Path(e.set))
+    items, images = evalset.load(e.set, e.scenes, e.seed)
+    pre = checkpoint_files.preprocessor_config(ckpt)
+    pixels = {name: image.preprocess_with_config(picture, pre) for name, picture in images.items()}
+    records = reference.compute(ckpt, items, pixels, e.reference_dtype, e.max_new_tokens, e.top_k,
+                                progress=lambda xs: ctx.progress(xs, "reference answers"))
+    torch.save(pixels, ctx.out / "pixels.pt")
+    stage.write_json(ctx.out / "reference.json", {"dtype": e.reference_dtype, "records": records})
+    ctx.extra["questions"] = len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.run("reference", body, sections=("evaluate",), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
