@@ -21,6 +21,9 @@ from torch import nn
 from .config import QPARAMS, ConfigError, QuantConfig
 
 
+XNNPACK_GROUP_MULTIPLE = 32
+
+
 def decoder_linears(model) -> dict[str, nn.Linear]:
     """Linears of the text decoder (lm_head included), by qualified name."""
     return {
@@ -40,6 +43,10 @@ def check_group_size(in_features: dict[str, int], quant: QuantConfig) -> None:
                 f"quant.group_size={quant.group_size} does not divide in_features={n} "
                 f"of layer {name}; pick a divisor of every decoder layer's in_features"
             )
+    if quant.group_size % XNNPACK_GROUP_MULTIPLE:
+        # XNNPACK's blockwise int4 GEMMs assert this at partition time, after all the work.
+        raise ConfigError(f"quant.group_size={quant.group_size}: XNNPACK's 4-bit kernels need a multiple of "
+                          f"{XNNPACK_GROUP_MULTIPLE}")
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The quantization sweep behind the README's table: `python -m llava_pipeline.sweep`.
 
-Queues one DVC experiment per variant (`dvc exp run --queue -n sweep-N -S ...`), runs the queue
+Queues one DVC experiment per variant (`dvc exp run --queue -n sweep-<variant> -S ...`), runs the queue
 one experiment at a time (`dvc queue start -j 1`: two at once on 2 cores would distort every
 timing), then prints a markdown table. Quality comes from `dvc exp show --json` (each experiment
 carries its metrics/quality.json); the decode speed from the experiment's log (`dvc queue logs`:
@@ -19,7 +19,6 @@ import time
 
 VARIANTS = (
     ("default: 8da4w, group 32, hqq", ()),
-    ("group 16", ("quant.group_size=16",)),
     ("group 64", ("quant.group_size=64",)),
     ("group 128", ("quant.group_size=128",)),
     ("affine qparams", ("quant.qparams=affine",)),
@@ -37,8 +36,12 @@ def _dvc(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
+def exp_name(label: str) -> str:
+    return "sweep-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40]
+
+
 def queue_and_run(poll_s: float = 10.0) -> None:
-    names = [f"sweep-{i}" for i in range(len(VARIANTS))]
+    names = [exp_name(label) for label, _ in VARIANTS]
     _dvc("exp", "remove", *names, check=False)  # a previous sweep's experiments
     for name, (_, sets) in zip(names, VARIANTS):
         _dvc("exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)])
@@ -65,14 +68,14 @@ def table() -> str:
     exps = _experiments(json.loads(_dvc("exp", "show", "--json", "--no-pager")))
     head = ["variant", *TYPES, "agreement", "top-1", "KL", ".pte MiB", "decode tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, (label, _) in enumerate(VARIANTS):
-        data = exps.get(f"sweep-{i}")
+    for label, _ in VARIANTS:
+        data = exps.get(exp_name(label))
         quality = (data or {}).get("metrics", {}).get("metrics/quality.json", {}).get("data")
         if not quality:
             lines.append(f"| {label} | " + " | ".join(["failed"] * (len(head) - 1)) + " |")
             continue
         acc = quality.get("accuracy", {})
-        logs = _dvc("queue", "logs", f"sweep-{i}", check=False)
+        logs = _dvc("queue", "logs", exp_name(label), check=False)
         decode = re.findall(r"decode (\d+) tok/s", logs)
         cells = [f"{acc.get(t, 0):.3f}" for t in TYPES] + [
             f"{quality['agreement']:.3f}", f"{quality['top1']:.3f}", f"{quality['kl']:.5f}",

@@ -118,6 +118,13 @@ def test_group_size_not_dividing_a_layer_names_the_layer():
     check_group_size({"x": 7}, config.QuantConfig(scheme="none", group_size=48))
 
 
+def test_group_size_must_suit_xnnpack():
+    q = config.QuantConfig(scheme="8da4w", group_size=16, embedding_bits=8)
+    with pytest.raises(config.ConfigError, match="quant.group_size=16: XNNPACK's 4-bit kernels need a multiple of 32"):
+        check_group_size({"text_decoder.lm_head": 128}, q)
+    check_group_size({"text_decoder.lm_head": 128}, config.QuantConfig(scheme="8da4w", group_size=64))
+
+
 def test_missing_params_file(tmp_path):
     with pytest.raises(config.ConfigError, match="params.yaml: parameters file not found"):
         config.load(tmp_path / "params.yaml")
