@@ -81,7 +81,7 @@ def test_vision_8da8w_pipeline_passes_the_verifier(tmp_path, export_8da4w, fp32_
     (work / "outputs").mkdir()
     for name in ("download", "source_transform"):
         shutil.copytree(export_8da4w / name, work / "outputs" / name)
-    out = run_pipeline(work, start="quantize")
+    out = run_pipeline(work, start="quantize", skip=("reference", "evaluate"))
     assert (out / "llava.pte").is_file()
     delegation = read_json(out / "partition" / "manifest.json")["delegation"]["vision_encoder"]
     left = [op for op in delegation["undelegated_ops"] if op.startswith(("torchao.", "aten.linear", "aten.mm"))]
