@@ -439,11 +439,10 @@ def test_answers_about_photographs(export_random, photos):
     for kind in ("jpeg", "png", "gray", "gray_rgb", "rgba", "rgba_white", "exif", "exif_upright", "exif_stored"):
         answers[kind] = _answer(run_cli(*cli_args(export_random, photos[kind], max_new_tokens=16)))
         assert answers[kind].strip(), kind
-    assert answers["jpeg"] != answers["png"]  # the answer depends on the picture
     assert answers["gray"] == answers["gray_rgb"]  # grayscale is replicated to RGB
     assert answers["rgba"] == answers["rgba_white"]  # alpha composited on white, as HF does
     assert answers["exif"] == answers["exif_upright"]  # EXIF orientation applied
-    assert answers["exif"] != answers["exif_stored"]
+    assert answers["exif"] != answers["exif_stored"]  # the answer depends on the picture
 
 
 # ------------------------------------------------------------------ parity with transformers (fp32)

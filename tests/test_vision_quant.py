@@ -88,6 +88,9 @@ def test_vision_8da8w_pipeline_passes_the_verifier(tmp_path, export_8da4w, fp32_
     assert delegation["delegate_calls"] > 0 and not left
     fp32_vision = method_bytes(export_8da4w / "llava.pte")["vision_encoder"]
     int8_vision = method_bytes(out / "llava.pte")["vision_encoder"]
-    linears = _vision_linears(fp32_model).values()
+    from transformers import LlavaForConditionalGeneration
+
+    exported = LlavaForConditionalGeneration.from_pretrained(export_8da4w / "download", dtype=torch.float32)
+    linears = _vision_linears(from_hf_model(exported, 768)).values()  # the checkpoint this pipeline exported
     saved = sum(3 * m.weight.numel() - 4 * m.out_features for m in linears)
     assert 0.9 * saved <= fp32_vision - int8_vision <= 1.1 * saved
