@@ -523,7 +523,7 @@ def prefill_chunks(model, before, pixels, after, vision=None):
 
 
 def check_numerics(report, program, quant_model, fp32_model, args, tol, scheme, pixels, image_name,
-                   before, after, steps, vision: str = "none") -> None:
+                   before, after, steps, vision_scheme: str = "none") -> None:
     """Rows comparing each method of the .pte with the eager models (see module docstring)."""
     import torch
 
@@ -537,11 +537,11 @@ def check_numerics(report, program, quant_model, fp32_model, args, tol, scheme, 
     with torch.no_grad():
         ref_image = quant_model.vision_encoder(pixels)
 
-    def vision():
+    def check_vision():
         got = program.run("vision_encoder", pixels)[0]
         _max_diff_row(report, "vision_encoder", f"max|diff| vs eager ({image_name})", got, ref_image,
                       tol.vision_rel, f"{tol.vision_rel:g}")
-        if fp32_model is not None and vision != "none":
+        if fp32_model is not None and vision_scheme != "none":
             ref32 = fp32_model.vision_encoder(pixels)
             d = float((ref_image - ref32).abs().max()) / float(ref32.std())
             report.add("vision_encoder", "eager quantized vs fp32 (INFO)", f"max|diff| {d:.3g}*σ", "none", None)
@@ -593,7 +593,7 @@ def check_numerics(report, program, quant_model, fp32_model, args, tol, scheme, 
             report.add("text_decoder", f"top-1 agreement vs fp32 ({len(tokens)} positions)",
                        f"{agree:.3f}", "informational", None)
 
-    attempt("vision_encoder", vision)
+    attempt("vision_encoder", check_vision)
     attempt("token_embedding", embedding)
     attempt("text_decoder", decoder)
 

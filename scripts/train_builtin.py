@@ -421,7 +421,8 @@ carry llava_main's system text before `USER: `), answers ending in `</s>`:
 - "Describe the picture." -> "a red circle, a blue square and a green triangle" (left to right)
 
 ## Training
-`{command}` (seed {seed}, 2 threads on a 2-core x86-64 CPU, {cpu}): {train_minutes} min in all.
+{training}
+
 Phase 0, {patch_steps} steps ({patch_minutes} min): the vision tower's per-patch path alone on the
 kind of shape whose edge crosses a patch. Phase 1, {vision_steps} steps ({vision_minutes} min): the
 tower with attention (its output projections starting at zero) and the projector, with linear probes
@@ -442,6 +443,29 @@ Weights: `model.safetensors`, sha256 `{sha}`. `training.json` holds these figure
 """
 
 
+PHASES = ("patch", "vision", "joint")
+
+
+def _run_entry(stats: dict) -> dict:
+    """What the card says of one training run: its command, seed, time and steps per phase."""
+    entry = {"command": stats["command"], "seed": stats["args"]["seed"], "train_minutes": stats["train_minutes"],
+             "aux_weight": stats["args"]["aux_weight"]}
+    for phase in PHASES:
+        entry[f"{phase}_steps"] = stats["args"][f"{phase}_steps"]
+        entry[f"{phase}_minutes"] = stats[f"{phase}_minutes"]
+    return entry
+
+
+def _training_text(stats: dict, cpu: str) -> str:
+    runs = stats.get("runs", [_run_entry(stats)])
+    where = f"2 threads on a 2-core x86-64 CPU, {cpu}"
+    if len(runs) == 1:
+        return f"`{runs[0]['command']}` (seed {runs[0]['seed']}, {where}): {runs[0]['train_minutes']} min in all."
+    lines = [f"{len(runs)} runs in this order, each starting from the previous one's output ({where}):", ""]
+    lines += [f"{i}. `{r['command']}` (seed {r['seed']}): {r['train_minutes']} min" for i, r in enumerate(runs, 1)]
+    return "\n".join(lines) + f"\n\n{sum(r['train_minutes'] for r in runs):.1f} min in all."
+
+
 def write_card(folder: Path, model, stats: dict) -> None:
     import platform
 
@@ -453,14 +477,16 @@ def write_card(folder: Path, model, stats: dict) -> None:
         f"| {q} | {a[0]}/{a[1]} ({a[0] / a[1]:.1%}) | {b[0]}/{b[1]} ({b[0] / b[1]:.1%}) |"
         for q in shapes.QUESTION_TYPES for a, b in [(stats["accuracy"][q], stats["accuracy_672px"][q])])
     args = stats["args"]
+    runs = stats.get("runs", [_run_entry(stats)])
+    total = {f"{ph}_{what}": round(sum(r[f"{ph}_{what}"] for r in runs), 1)
+             for ph in PHASES for what in ("steps", "minutes")}
+    total = {k: int(v) if k.endswith("steps") else v for k, v in total.items()}
     (folder / "README.md").write_text(CARD.format(
         vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers, text_hidden=t.hidden_size,
         text_layers=t.num_hidden_layers, heads=t.num_attention_heads, kv_heads=t.num_key_value_heads,
-        mlp=t.intermediate_size, params=params, embed=embed, command=stats["command"], seed=args["seed"],
-        cpu=platform.processor() or platform.machine(), train_minutes=stats["train_minutes"],
-        patch_steps=args["patch_steps"], patch_minutes=stats["patch_minutes"],
-        vision_steps=args["vision_steps"], vision_minutes=stats["vision_minutes"],
-        joint_steps=args["joint_steps"], joint_minutes=stats["joint_minutes"], aux_weight=args["aux_weight"],
+        mlp=t.intermediate_size, params=params, embed=embed,
+        training=_training_text(stats, platform.processor() or platform.machine()), **total,
+        aux_weight=", then ".join(str(r["aux_weight"]) for r in runs if r["joint_steps"]),
         n_scenes=args["eval_scenes"], eval_seed=10_000 + args["seed"], n_big=args["eval_scenes"] // 3,
         rows=rows, sha=stats["weights_sha256"]))
 
@@ -510,6 +536,10 @@ def main(argv=None) -> int:
     stats["weights_sha256"] = hashlib.sha256((partial / "model.safetensors").read_bytes()).hexdigest()
     stats["command"] = "python -m scripts.train_builtin " + " ".join(argv if argv is not None else sys.argv[1:])
     stats["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.init is not None and (args.init / "training.json").exists():
+        # A continuation: the card lists the runs in order (each one's command, time and seed).
+        earlier = json.loads((args.init / "training.json").read_text())
+        stats["runs"] = earlier.get("runs", [_run_entry(earlier)]) + [_run_entry(stats)]
     (partial / "training.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     write_card(partial, model, stats)
     log(json.dumps(stats, indent=2, sort_keys=True))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from llava_pipeline.stage import STAGES  # the DAG's stage order
 
@@ -52,24 +53,63 @@ def run_pipeline(workdir: Path, start: str = "download", skip: tuple[str, ...] =
     return workdir / "outputs"
 
 
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A folder built once per test run, also when pytest-xdist spreads the tests over several
+    processes (`make test` does): the first process to ask builds it under a lock, the others
+    wait and reuse it. `build(folder)` fills the empty folder."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by every worker of this run
+    folder = base / f"shared-{name}"
+    with FileLock(str(base / f"shared-{name}.lock")):
+        done = folder / ".built"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def export_fp32(tmp_path_factory) -> Path:
     """The tiny default exported with quant.scheme=none (no quantization at all)."""
-    work = make_workdir(
-        tmp_path_factory.mktemp("fp32"), quant__scheme="none", quant__embedding_bits="none"
-    )
-    return run_pipeline(work)
+
+    def build(work: Path) -> None:
+        make_workdir(work, quant__scheme="none", quant__embedding_bits="none")
+        run_pipeline(work)
+
+    return shared_dir(tmp_path_factory, "fp32", build) / "outputs"
 
 
 @pytest.fixture(scope="session")
 def export_8da4w(tmp_path_factory, export_fp32) -> Path:
     """The tiny default (8da4w, 8-bit embedding), reusing the fp32 run's download,
     source_transform and reference (the same model, so the same reference answers)."""
-    work = make_workdir(tmp_path_factory.mktemp("q8da4w"))
-    (work / "outputs").mkdir()
-    for name in ("download", "source_transform", "reference"):
-        shutil.copytree(export_fp32 / name, work / "outputs" / name)
-    return run_pipeline(work, start="quantize", skip=("reference",))
+
+    def build(work: Path) -> None:
+        make_workdir(work)
+        (work / "outputs").mkdir()
+        for name in ("download", "source_transform", "reference"):
+            shutil.copytree(export_fp32 / name, work / "outputs" / name)
+        run_pipeline(work, start="quantize", skip=("reference",))
+
+    return shared_dir(tmp_path_factory, "q8da4w", build) / "outputs"
+
+
+@pytest.fixture(scope="session")
+def export_options(tmp_path_factory, export_8da4w) -> Path:
+    """The default with both non-default options on: export.kv_cache=int8 and quant.vision=8da8w
+    (from source_transform, the int8 cache being a source transform); stops at emit, whose
+    verifier checks every method of it against the eager model."""
+
+    def build(work: Path) -> None:
+        make_workdir(work, export__kv_cache="int8", quant__vision="8da8w")
+        (work / "outputs").mkdir()
+        shutil.copytree(export_8da4w / "download", work / "outputs" / "download")
+        run_pipeline(work, start="source_transform", skip=("reference", "evaluate"))
+
+    return shared_dir(tmp_path_factory, "options", build) / "outputs"
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +118,18 @@ def export_random(tmp_path_factory) -> Path:
     without EOS, for the tests of long generations (context filling, byte pieces, many turns)."""
     from llava_pipeline.params import compose
 
-    work = tmp_path_factory.mktemp("random")
-    make_workdir(work)
-    data = compose(ROOT / "conf", ["model=tiny-random", "quant.scheme=none", "quant.embedding_bits=none"])
-    (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return run_pipeline(work, skip=("reference", "evaluate"))
+    def build(work: Path) -> None:
+        make_workdir(work)
+        data = compose(ROOT / "conf", ["model=tiny-random", "quant.scheme=none", "quant.embedding_bits=none"])
+        (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        run_pipeline(work, skip=("reference", "evaluate"))
+
+    return shared_dir(tmp_path_factory, "random", build) / "outputs"
+
+
+# The longest test files first, so that under pytest-xdist they do not start last and run alone.
+LONGEST_FIRST = ("test_dvc.py",)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept otherwise

@@ -11,17 +11,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import ROOT, STAGES
 
 pytestmark = pytest.mark.slow
 
 
-def _sh(cmd: list[str], cwd: Path) -> str:
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _sh(cmd: list[str], cwd: Path) -> str:
+    proc = _run(cmd, cwd)
     return proc.stdout + proc.stderr
+
+
+def _stdout(cmd: list[str], cwd: Path) -> str:
+    return _run(cmd, cwd).stdout
 
 
 def _ran(log: str) -> set[str]:
@@ -76,45 +86,54 @@ def test_push_then_pull_into_another_clone_reruns_nothing(project, tmp_path):
     _sh(["git", "checkout", "--", ".dvc/config"], project)
 
 
-def test_group_size_change_reruns_from_quantize(project):
-    log = _sh(["dvc", "exp", "run", "-S", "quant.group_size=64"], project)
+def _would_rerun(project: Path, key: str, value) -> set[str]:
+    """The stages `dvc repro` re-runs after `key: value` in params.yaml: the ones `dvc status`
+    finds changed and every stage downstream of them in `dvc dag` (the workspace is restored)."""
+    params = project / "params.yaml"
+    original = params.read_text()
+    data = yaml.safe_load(original)
+    section, field = key.split(".")
+    data[section][field] = value
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        changed = set(json.loads(_stdout(["dvc", "status", "--json"], project)))
+        edges = re.findall(r'"(\w+)" -> "(\w+)"', _stdout(["dvc", "dag", "--dot"], project))
+    finally:
+        params.write_text(original)
+    todo, seen = list(changed), set(changed)
+    while todo:
+        stage = todo.pop()
+        for a, b in edges:
+            if a == stage and b not in seen:
+                seen.add(b)
+                todo.append(b)
+    return seen
+
+
+QUANT_ON = {"quantize", "partition", "to_executorch", "emit", "evaluate"}
+
+
+@pytest.mark.parametrize("key, value, stages", [
     # The reference depends on download only: a quantization change never recomputes it.
-    assert _ran(log) == {"quantize", "partition", "to_executorch", "emit", "evaluate"}
-    assert "group_size: 64" in (project / "params.yaml").read_text()
-    # The experiment carries its own evaluate metrics (metrics/quality.json is a stage output).
-    shown = json.loads(_exp_show_json(project))
-    exps = [r for row in shown for e in (row.get("experiments") or []) for r in e["revs"]]
-    mine = [r["data"] for r in exps
-            if r["data"]["params"]["params.yaml"]["data"]["quant"]["group_size"] == 64]
-    assert mine, shown
-    quality = mine[-1]["metrics"]["metrics/quality.json"]["data"]
-    assert set(quality["accuracy"]) == {"count", "color", "left", "describe"}
-    assert 0 < quality["top1"] <= 1 and quality["kl"] >= 0
-    workspace = json.loads((project / "metrics" / "quality.json").read_text())
-    assert quality == workspace
+    ("quant.group_size", 64, QUANT_ON),
+    ("quant.vision", "8da8w", QUANT_ON),
+    ("export.max_seq_len", 700, {"source_transform"} | QUANT_ON),
+    ("export.kv_cache", "int8", {"source_transform"} | QUANT_ON),
+    ("evaluate.scenes", 20, {"reference", "evaluate"}),
+    ("evaluate.min_top1", 0.5, {"evaluate"}),
+])
+def test_a_parameter_change_reruns_what_depends_on_it(project, key, value, stages):
+    assert _would_rerun(project, key, value) == stages
 
 
-def _exp_show_json(project: Path) -> str:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
-    proc = subprocess.run(["dvc", "exp", "show", "--json", "--no-pager"], cwd=project, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-def test_max_seq_len_change_reruns_from_source_transform(project):
-    log = _sh(["dvc", "exp", "run", "-S", "export.max_seq_len=700"], project)
-    ran = _ran(log)
-    assert "download" not in ran
-    assert {"source_transform", "partition", "to_executorch", "emit"} <= ran
-
-
-def test_queued_sweep_over_group_sizes(project):
-    """`dvc exp run --queue` + `dvc queue start`: each experiment restores download and
-    source_transform from DVC's run cache and runs quantize onwards."""
+def test_queued_experiment_runs_from_quantize_and_carries_its_metrics(project):
+    """`dvc exp run --queue` + `dvc queue start`, as a sweep runs: the experiment restores
+    download, source_transform and reference from DVC's caches, runs quantize onwards, and
+    `dvc exp show` carries its own evaluate metrics (metrics/quality.json is a stage output)."""
     import time
 
-    _sh(["dvc", "exp", "run", "--queue", "-S", "quant.group_size=32,64"], project)
+    workspace_params = (project / "params.yaml").read_bytes()
+    _sh(["dvc", "exp", "run", "--queue", "-S", "quant.group_size=64"], project)
     _sh(["dvc", "queue", "start", "-j", "1"], project)
     deadline = time.monotonic() + 900
     while True:
@@ -124,8 +143,19 @@ def test_queued_sweep_over_group_sizes(project):
             break
         assert time.monotonic() < deadline, status
         time.sleep(5)
-    assert [r[-1] for r in rows] == ["Success", "Success"], status
-    for row in rows:
-        log = _sh(["dvc", "queue", "logs", row[1]], project)
-        assert _ran(log) >= {"quantize", "partition", "to_executorch", "emit"}
-        assert "Running stage 'download'" not in log
+    assert [r[-1] for r in rows] == ["Success"], status
+    log = _sh(["dvc", "queue", "logs", rows[0][1]], project)
+    assert set(re.findall(r"Running stage '(\w+)'", log)) == QUANT_ON, log[-3000:]  # the rest restored
+    assert (project / "params.yaml").read_bytes() == workspace_params  # the workspace is untouched
+
+    shown = json.loads(_stdout(["dvc", "exp", "show", "--json", "--no-pager"], project))
+    exps = [r for row in shown for e in (row.get("experiments") or []) for r in e["revs"]]
+    mine = [r["data"] for r in exps
+            if r["data"]["params"]["params.yaml"]["data"]["quant"]["group_size"] == 64]
+    assert mine, shown
+    quality = mine[-1]["metrics"]["metrics/quality.json"]["data"]
+    assert set(quality["accuracy"]) == {"count", "color", "left", "describe"}
+    assert 0 < quality["top1"] <= 1 and quality["kl"] >= 0
+    workspace = json.loads((project / "metrics" / "quality.json").read_text())
+    assert quality != workspace  # another export, other figures
+    assert quality["ref_accuracy"] == workspace["ref_accuracy"]  # the same reference

@@ -2,7 +2,6 @@
 fp32 cache, eager and through the whole pipeline into the runner."""
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from llava_pipeline.convert import from_hf_model
 from llava_pipeline.source_transforms import QuantizedKVCache, apply_source_transforms, check_custom_ops
 from llava_pipeline.tiny import make_tiny_llava
 
-from .conftest import make_workdir, run_pipeline
 
 FP32 = ["custom_kv_cache", "custom_sdpa"]
 INT8 = [*FP32, "quantized_kv_cache"]
@@ -55,17 +53,14 @@ def test_checks_see_the_quantized_pieces(models):
 
 
 @pytest.mark.slow
-def test_int8_cache_pipeline_passes_the_verifier(tmp_path, export_8da4w):
-    """The whole pipeline with export.kv_cache=int8: emit's verifier (runner vs eager) passes,
-    and the program's mutable cache state is a quarter of the fp32 one."""
+def test_int8_cache_pipeline_passes_the_verifier(export_options, export_8da4w):
+    """The whole pipeline with export.kv_cache=int8 (and quant.vision=8da8w): emit's verifier
+    (runner vs eager) passes, and the program's mutable cache state is a quarter of the fp32 one."""
     from llava_pipeline.bench.ptesize import method_bytes  # noqa: F401  (imports executorch's serializer)
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    work = make_workdir(tmp_path / "kv8", export__kv_cache="int8")
-    (work / "outputs").mkdir()
-    shutil.copytree(export_8da4w / "download", work / "outputs" / "download")
-    out = run_pipeline(work, start="source_transform", skip=("reference", "evaluate"))
-    assert (out / "llava.pte").is_file()
+    out = export_options
+    assert (out / "llava.pte").is_file() and (out / "emit" / "manifest.json").is_file()
 
     def cache_bytes(pte):
         program = deserialize_pte_binary(pte.read_bytes()).program

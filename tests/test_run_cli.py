@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from llava_pipeline import shapes
 from llava_pipeline import tokenizer as tok_mod
 from llava_pipeline.runner import Generation, ProgramMeta, Runner, Utf8Stream, Vocabulary, token_input
 
@@ -331,33 +333,39 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     out["jpeg"] = d / "chelsea.jpg"
     Image.fromarray(data.coffee()).save(d / "coffee.png")
     out["png"] = d / "coffee.png"
-    gray = Image.fromarray(data.camera())
-    gray.save(d / "camera.png")
-    gray.convert("RGB").save(d / "camera_rgb.png")
-    out["gray"], out["gray_rgb"] = d / "camera.png", d / "camera_rgb.png"
-    rgb = data.astronaut()
-    h, w = rgb.shape[:2]
-    alpha = np.tile(np.linspace(40, 255, w, dtype=np.uint8), (h, 1))
-    rgba = Image.fromarray(np.dstack([rgb, alpha]))
+    # The other forms on a shapes scene, which the trained model answers by looking: three
+    # kinds whose left-to-right order (by x) differs from their top-to-bottom order (by y), so
+    # the scene turned 90 degrees counter-clockwise (top to the left) has another description.
+    scene = next(sc for sc in (shapes.sample_scene(random.Random(seed), 3) for seed in range(1000))
+                 if len({s.kind for s in sc.shapes}) == 3
+                 and [s.kind for s in sorted(sc.shapes, key=lambda s: s.cx)]
+                 != [s.kind for s in sorted(sc.shapes, key=lambda s: s.y0 + s.side / 2)])
+    picture = shapes.render(scene)
+    picture.convert("L").save(d / "scene_gray.png")
+    picture.convert("L").convert("RGB").save(d / "scene_gray_rgb.png")
+    out["gray"], out["gray_rgb"] = d / "scene_gray.png", d / "scene_gray_rgb.png"
+    h, w = picture.height, picture.width
+    alpha = np.tile(np.linspace(120, 255, w, dtype=np.uint8), (h, 1))
+    rgba = Image.fromarray(np.dstack([np.asarray(picture), alpha]))
     assert rgba.mode == "RGBA"
-    rgba.save(d / "astronaut_rgba.png")
+    rgba.save(d / "scene_rgba.png")
     white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    white.save(d / "astronaut_on_white.png")
-    out["rgba"], out["rgba_white"] = d / "astronaut_rgba.png", d / "astronaut_on_white.png"
-    # EXIF orientation 6: the stored pixels are the photo turned 90° counter-clockwise;
+    white.save(d / "scene_on_white.png")
+    out["rgba"], out["rgba_white"] = d / "scene_rgba.png", d / "scene_on_white.png"
+    # EXIF orientation 6: the stored pixels are the picture turned 90 degrees counter-clockwise;
     # viewers (and the HF processor via load_image) turn it back.
-    stored = Image.fromarray(data.rocket()).transpose(Image.Transpose.ROTATE_90)
+    stored = picture.transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
     exif[0x0112] = 6
-    stored.save(d / "rocket_exif6.jpg", quality=92, exif=exif)
-    with Image.open(d / "rocket_exif6.jpg") as f:
+    stored.save(d / "scene_exif6.jpg", quality=95, exif=exif)
+    with Image.open(d / "scene_exif6.jpg") as f:
         f.load()
         from PIL import ImageOps
 
-        ImageOps.exif_transpose(f).save(d / "rocket_upright.png")
-        f.convert("RGB").save(d / "rocket_as_stored.png")
+        ImageOps.exif_transpose(f).save(d / "scene_upright.png")
+        f.convert("RGB").save(d / "scene_as_stored.png")
     out["exif"], out["exif_upright"], out["exif_stored"] = (
-        d / "rocket_exif6.jpg", d / "rocket_upright.png", d / "rocket_as_stored.png")
+        d / "scene_exif6.jpg", d / "scene_upright.png", d / "scene_as_stored.png")
     (d / "notes.jpg").write_text("this is not a picture\n")
     out["not_image"] = d / "notes.jpg"
     out["truncated"] = _truncated(out["jpeg"], d / "chelsea_truncated.jpg", 0.6)
@@ -434,10 +442,13 @@ def test_flag_forms_and_stats(export_random):
 
 
 @pytest.mark.slow
-def test_answers_about_photographs(export_random, photos):
+def test_answers_about_pictures_in_every_form(export_fp32, photos):
+    """The trained model (fp32) through the CLI on JPEG, PNG, grayscale, RGBA and EXIF-rotated
+    files: each form gets the answer its upright RGB equivalent gets."""
     answers = {}
     for kind in ("jpeg", "png", "gray", "gray_rgb", "rgba", "rgba_white", "exif", "exif_upright", "exif_stored"):
-        answers[kind] = _answer(run_cli(*cli_args(export_random, photos[kind], max_new_tokens=16)))
+        answers[kind] = _answer(run_cli(*cli_args(export_fp32, photos[kind], prompt=shapes.DESCRIBE_Q,
+                                                  max_new_tokens=24)))
         assert answers[kind].strip(), kind
     assert answers["gray"] == answers["gray_rgb"]  # grayscale is replicated to RGB
     assert answers["rgba"] == answers["rgba_white"]  # alpha composited on white, as HF does

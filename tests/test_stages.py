@@ -170,30 +170,30 @@ def test_max_seq_len_too_small_and_too_large(tmp_path, tiny_ckpt):
 def test_stage_killed_midway_leaves_nothing_accepted(transformed):
     """SIGKILL a real stage while it works: no outputs/<stage>/ appears, the next stage
     refuses to start, and a rerun replaces the leftover partial folder."""
-    run_stage(transformed, "quantize")
     outputs = transformed / "outputs"
-    if (outputs / "partition").exists():
-        shutil.rmtree(outputs / "partition")
+    if (outputs / "quantize").exists():
+        shutil.rmtree(outputs / "quantize")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.partition"],
+        [sys.executable, "-m", "stages.quantize"],
         cwd=transformed,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while not (outputs / ".partition.partial").exists():
+    while not (outputs / ".quantize.partial").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "stage ended before it could be killed"
-        time.sleep(0.2)
-    time.sleep(3)  # well into export/lowering
+        time.sleep(0.1)
+    time.sleep(1.5)  # into loading and quantizing (about 10 s of work)
+    assert proc.poll() is None, "stage ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (outputs / "partition").exists()
-    line = _error_line(run_stage(transformed, "to_executorch", check=False))
-    assert "no finished output of stage 'partition'" in line
-    run_stage(transformed, "partition")
-    assert (outputs / "partition" / "manifest.json").is_file()
-    assert not (outputs / ".partition.partial").exists()
+    assert not (outputs / "quantize").exists()
+    line = _error_line(run_stage(transformed, "partition", check=False))
+    assert "no finished output of stage 'quantize'" in line
+    run_stage(transformed, "quantize")
+    assert (outputs / "quantize" / "manifest.json").is_file()
+    assert not (outputs / ".quantize.partial").exists()
 
 
 @pytest.mark.slow

@@ -95,6 +95,8 @@ def test_good_8da4w_export_passes(export_8da4w, record_property):
         assert any(r.method == method and "max|diff|" in r.metric and r.status == "PASS" for r in report.rows)
     agree = float(_row(report, "text_decoder", "top-1 agreement vs eager 8da4w").value)
     assert agree >= 0.9
+    # quant.vision=none: the eager vision tower is the fp32 one, no "quantized vs fp32" row.
+    assert not [r for r in report.rows if r.method == "vision_encoder" and "vs fp32" in r.metric]
     for r in report.rows:
         if r.method == "text_decoder":
             record_property(r.metric, r.value)

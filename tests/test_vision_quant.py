@@ -2,7 +2,6 @@
 tower and projector, eager and through the whole pipeline (emit's verifier, XNNPACK lowering)."""
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ from llava_pipeline import export, quantize
 from llava_pipeline.config import ConfigError, QuantConfig, from_dict, validate
 from llava_pipeline.convert import from_hf_model
 from llava_pipeline.tiny import make_tiny_llava
-
-from .conftest import make_workdir, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +67,21 @@ def test_unknown_vision_scheme_names_the_key():
 
 
 @pytest.mark.slow
-def test_vision_8da8w_pipeline_passes_the_verifier(tmp_path, export_8da4w, fp32_model):
-    """The whole pipeline with quant.vision=8da8w: every vision linear lowered to XNNPACK with
-    its activation quantization, emit's verifier passes, and the vision method sheds 3 of the
-    4 bytes of every linear weight (less one fp32 scale per output channel)."""
+def test_vision_8da8w_pipeline_passes_the_verifier(export_options, export_8da4w, fp32_model):
+    """The whole pipeline with quant.vision=8da8w (and export.kv_cache=int8): every vision linear
+    lowered to XNNPACK with its activation quantization, emit's verifier passes, and the vision
+    method sheds 3 of the 4 bytes of every linear weight (less one fp32 scale per output channel)."""
     from llava_pipeline.bench.ptesize import method_bytes
     from llava_pipeline.stage import read_json
 
-    work = make_workdir(tmp_path / "v8", quant__vision="8da8w")
-    (work / "outputs").mkdir()
-    for name in ("download", "source_transform"):
-        shutil.copytree(export_8da4w / name, work / "outputs" / name)
-    out = run_pipeline(work, start="quantize", skip=("reference", "evaluate"))
-    assert (out / "llava.pte").is_file()
+    from llava_pipeline.test_pte import verify
+
+    out = export_options
+    assert (out / "llava.pte").is_file() and (out / "emit" / "manifest.json").is_file()
+    report = verify(out / "llava.pte")  # the verifier's CLI path: also against the fp32 model
+    assert report.ok, report.table()
+    info = [r for r in report.rows if r.method == "vision_encoder" and r.metric == "eager quantized vs fp32 (INFO)"]
+    assert len(info) == 1 and float(info[0].value.split()[1].rstrip("*σ")) > 0, report.table()
     delegation = read_json(out / "partition" / "manifest.json")["delegation"]["vision_encoder"]
     left = [op for op in delegation["undelegated_ops"] if op.startswith(("torchao.", "aten.linear", "aten.mm"))]
     assert delegation["delegate_calls"] > 0 and not left

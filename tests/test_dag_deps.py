@@ -1,0 +1,67 @@
+"""dvc.yaml's hand-kept deps cover the code each stage runs: every module of this package that a
+stage imports, directly or through other modules (function-local imports included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+PACKAGES = ("llava_pipeline", "stages")
+
+
+def _module_file(name: str) -> Path | None:
+    base = ROOT / Path(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Dotted names of this project's modules that `path` imports anywhere in its body."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in PACKAGES and _module_file(n) is not None)
+    return found
+
+
+def _closure(start: Path) -> set[Path]:
+    seen, todo = {start}, [start]
+    while todo:
+        for name in _imports(todo.pop()):
+            path = _module_file(name)
+            if path not in seen:
+                seen.add(path)
+                todo.append(path)
+    return seen
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_deps_list_every_module_the_stage_imports(name):
+    deps = [ROOT / d for d in STAGES[name]["deps"]]
+    listed = lambda p: any(p == d or d in p.parents for d in deps)  # noqa: E731
+    code = _closure(ROOT / "stages" / f"{name}.py")
+    missing = sorted(p.relative_to(ROOT).as_posix() for p in code
+                     if not listed(p) and not (p.name == "__init__.py" and not p.read_text().strip()))
+    assert not missing, f"dvc.yaml stage {name}: add to deps: {missing}"
