@@ -44,7 +44,7 @@ run: export demo
 # lowering, and the shared exports (tests/conftest.py) are built once for both. One torch
 # thread per worker: beside another two-thread job the reference stage took 481 s, not 68 s
 # (its outputs are the same bytes with one thread or two).
-TEST_FLAGS := -q -ra -n 2 --dist loadfile --durations=12
+TEST_FLAGS := -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=12
 test: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(TEST_FLAGS)
 

@@ -165,9 +165,17 @@ def _input_hashes(inputs: dict[str, Path]) -> dict:
 
 def finish(ctx: StageContext, sections: tuple[str, ...], final: Path) -> None:
     """Write the manifest into the private folder and move it into place."""
+    config: dict = {}
+    for item in sections:  # "quant" (a whole section) or "evaluate.seed" (one key of one)
+        name, _, key = item.partition(".")
+        values = ctx.cfg.section(name)
+        if key:
+            config.setdefault(name, {})[key] = values[key]
+        else:
+            config[name] = values
     manifest = {
         "stage": ctx.name,
-        "config": {s: ctx.cfg.section(s) for s in sections},
+        "config": config,
         "inputs": _input_hashes(ctx.inputs),
         "outputs": hash_tree(ctx.out),
         "packages": package_versions(),
@@ -234,7 +242,8 @@ def run(
 ) -> int:
     """Run a stage body with config from params.yaml + argv overrides.
 
-    `sections` are the config sections the stage reads (recorded in its manifest).
+    `sections` are the config sections (or `section.key`s) the stage reads, recorded in its
+    manifest: the same list as the stage's `params:` in dvc.yaml (tests/test_dag_deps.py).
     `publish`, if given, is called after the folder is in place (emit uses it to
     move user-facing files to fixed paths).
     Returns a process exit code; expected errors print one line, no traceback.

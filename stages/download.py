@@ -25,8 +25,12 @@ def body(ctx: stage.StageContext) -> None:
     ctx.extra["source_kind"] = kind
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it.
+SECTIONS = ("model",)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("download", body, sections=("model",), argv=argv)
+    return stage.run("download", body, sections=SECTIONS, argv=argv)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,12 @@ def publish(ctx: stage.StageContext, folder: Path) -> None:
     ctx.wrote = [ctx.outputs / name for name in ARTIFACTS]
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it.
+SECTIONS = ("emit",)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("emit", body, sections=("emit",), argv=argv, publish=publish)
+    return stage.run("emit", body, sections=SECTIONS, argv=argv, publish=publish)
 
 
 if __name__ == "__main__":

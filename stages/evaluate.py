@@ -55,8 +55,12 @@ def publish(ctx: stage.StageContext, folder: Path) -> None:
     ctx.wrote = [QUALITY, folder]
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it.
+SECTIONS = ("evaluate",)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("evaluate", body, sections=("evaluate",), argv=argv, publish=publish)
+    return stage.run("evaluate", body, sections=SECTIONS, argv=argv, publish=publish)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,12 @@ def body(ctx: stage.StageContext) -> None:
     ctx.extra["delegation"] = summary
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it.
+SECTIONS = ()
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("partition", body, sections=(), argv=argv)
+    return stage.run("partition", body, sections=SECTIONS, argv=argv)
 
 
 if __name__ == "__main__":

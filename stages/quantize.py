@@ -25,8 +25,12 @@ def body(ctx: stage.StageContext) -> None:
     model_io.write_args(args, ctx.out, model_io.load_transforms(src))
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it.
+SECTIONS = ("quant",)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("quantize", body, sections=("quant",), argv=argv)
+    return stage.run("quantize", body, sections=SECTIONS, argv=argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ import torch
 from llava_pipeline import checkpoint_files, evalset, image, reference, stage
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it. Not the
+# floors (evaluate.min_*), which only the evaluate stage applies.
+SECTIONS = ("evaluate.set", "evaluate.scenes", "evaluate.seed", "evaluate.max_new_tokens",
+            "evaluate.reference_dtype", "evaluate.top_k")
+
+
 def body(ctx: stage.StageContext) -> None:
     e = ctx.cfg.evaluate
     ckpt = ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
@@ -35,7 +41,7 @@ def body(ctx: stage.StageContext) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("reference", body, sections=("evaluate",), argv=argv)
+    return stage.run("reference", body, sections=SECTIONS, argv=argv)
 
 
 if __name__ == "__main__":

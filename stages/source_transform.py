@@ -15,8 +15,12 @@ def body(ctx: stage.StageContext) -> None:
     ctx.extra["source_transforms"] = list(transforms)
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it.
+SECTIONS = ("export",)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("source_transform", body, sections=("export",), argv=argv)
+    return stage.run("source_transform", body, sections=SECTIONS, argv=argv)
 
 
 if __name__ == "__main__":

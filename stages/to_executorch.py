@@ -16,8 +16,12 @@ def body(ctx: stage.StageContext) -> None:
     ctx.extra["xnnpack_workspace_sharing"] = export.WORKSPACE_SHARING
 
 
+# The config this stage reads, recorded in its manifest: dvc.yaml's params for it.
+SECTIONS = ()
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage.run("to_executorch", body, sections=(), argv=argv)
+    return stage.run("to_executorch", body, sections=SECTIONS, argv=argv)
 
 
 if __name__ == "__main__":

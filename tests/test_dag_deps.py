@@ -1,9 +1,11 @@
-"""dvc.yaml's hand-kept deps cover the code each stage runs: every module of this package that a
-stage imports, directly or through other modules (function-local imports included)."""
+"""dvc.yaml's hand-kept declarations match the code: each stage's deps cover every module of
+this project it imports (directly or through other modules, function-local imports included), and
+its params are the config keys its manifest records."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,22 @@ def test_deps_list_every_module_the_stage_imports(name):
     missing = sorted(p.relative_to(ROOT).as_posix() for p in code
                      if not listed(p) and not (p.name == "__init__.py" and not p.read_text().strip()))
     assert not missing, f"dvc.yaml stage {name}: add to deps: {missing}"
+
+
+def _keys(entries, params: dict) -> set[str]:
+    """`quant` -> every quant.* key in params.yaml; `quant.scheme` -> itself."""
+    out = set()
+    for entry in entries:
+        section, _, key = entry.partition(".")
+        out |= {f"{section}.{key}"} if key else {f"{section}.{k}" for k in params[section]}
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_manifest_records_exactly_the_params_dvc_tracks(name):
+    """A stage's manifest config and its dvc.yaml `params:` are the same keys: a key in the
+    manifest that DVC does not track would make the output's bytes change without a re-run."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tracked = _keys(STAGES[name].get("params", []), params)
+    recorded = _keys(importlib.import_module(f"stages.{name}").SECTIONS, params)
+    assert recorded == tracked, f"stage {name}: manifest {sorted(recorded)} vs dvc.yaml {sorted(tracked)}"
