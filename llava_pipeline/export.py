@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
+from llava_pipeline.runner_image import MAX_CHANNELS
+
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 
 
@@ -42,8 +44,13 @@ def example_inputs(args) -> dict[str, tuple]:
 def dynamic_shapes(args) -> dict:
     # The runner feeds whole prompt chunks (up to the cache length) and single tokens.
     seq = Dim("seq", min=1, max=args.text.max_seq_len)
+    # The picture as ExecuTorch's llava_main decodes it (runner_image.py): any channel count
+    # stb gives, any size up to the model's.
+    side = args.vision.image_size
+    image = {1: Dim("channels", min=1, max=MAX_CHANNELS), 2: Dim("height", min=1, max=side),
+             3: Dim("width", min=1, max=side)}
     return {
-        "vision_encoder": None,
+        "vision_encoder": (image,),
         "token_embedding": ({1: seq},),
         "text_decoder": ({1: seq}, None),
     }

@@ -2,8 +2,9 @@
 
 `LlavaModel` owns the three entry points the ExecuTorch multimodal runner calls:
 
-- `vision_encoder(image uint8 [1, 3, H, W]) -> [1, N_img, D_text]`: normalisation happens in
-  the graph, so the runner only has to hand over raw pixels of the exported size.
+- `vision_encoder(image uint8 [1, C, H, W]) -> [1, N_img, D_text]`: channel mapping, centred
+  padding and normalisation happen in the graph, so the runner hands over the decoded picture
+  as ExecuTorch's llava_main does (C 1..4, H and W up to the image size; runner_image.py).
 - `token_embedding(ids int64 [1, S]) -> [1, S, D_text]`: a plain `nn.Embedding`, so embedding
   quantizers that look for `nn.Embedding` find it.
 - `text_decoder(embeds [1, S, D_text], input_pos int64 [1]) -> logits float32 [1, V]` for the
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from llava_pipeline.runner_image import RunnerImage, check_image, pad_color
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
@@ -268,7 +271,8 @@ class Projector(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """uint8 image [1, C, H, W] (H = W = image_size) -> projected image tokens [1, N_img, D_text]."""
+    """uint8 image [1, C, H, W] as ExecuTorch's runners send it (C 1..4, H and W 1..image_size;
+    see runner_image.py) -> projected image tokens [1, N_img, D_text]."""
 
     def __init__(self, a: VisionArgs, text_dim: int, projector_bias: bool = True):
         super().__init__()
@@ -282,6 +286,9 @@ class VisionEncoder(nn.Module):
         self.pre_norm = nn.LayerNorm(d, eps=a.layer_norm_eps)
         self.layers = nn.ModuleList(VisionLayer(a) for _ in range(a.num_layers_used))
         self.projector = Projector(d, text_dim, projector_bias)
+        if a.num_channels != 3:
+            raise ValueError(f"vision_config.num_channels: only 3 (RGB) is supported, got {a.num_channels}")
+        self.canvas = RunnerImage(a.image_size, pad_color(a.image_mean))
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -291,10 +298,10 @@ class VisionEncoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         a = self.args
-        if image.dtype != torch.uint8 or tuple(image.shape[1:]) != (a.num_channels, a.image_size, a.image_size):
-            raise ValueError(f"expected uint8 [1, {a.num_channels}, {a.image_size}, {a.image_size}], "
-                             f"got {image.dtype} {list(image.shape)}")
-        x = (image.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        check_image(image, a.image_size)
+        if image.dim() != 4:
+            raise ValueError(f"image: expected uint8 [1, C, H, W], got {list(image.shape)}")
+        x = (self.canvas(image).to(self.mean.dtype) / 255.0 - self.mean) / self.std
         x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [1, N, D]
         cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
         x = self.pre_norm(torch.cat([cls, x], dim=1) + self.position_embedding)

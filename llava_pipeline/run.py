@@ -142,10 +142,10 @@ class Chat:
         self.runner.prefill([token_input(before)])
         t1 = time.perf_counter()
         if after:
-            self.runner.prefill([image_input(pixels)])
+            self.runner.prefill([image_input(pixels, max(self.runner.meta.image_size))])
             image_s, last = time.perf_counter() - t1, [token_input(after)]
         else:  # a raw prompt ending in <image>: the image is the last input, prefilled by generate()
-            image_s, last = None, [image_input(pixels)]
+            image_s, last = None, [image_input(pixels, max(self.runner.meta.image_size))]
         turn = self._answer(last, on_text)
         turn.prefill_s += t1 - t0
         turn.prompt_tokens = len(before) + len(after)

@@ -86,13 +86,23 @@ def load_runtime_kernels() -> None:
     _runtime_kernels_loaded = True
 
 
-def image_input(pixels):
-    """A runner image input from a uint8 CHW (or 1xCHW) tensor."""
-    from executorch.extension.llm.runner import make_image_input
+def image_input(pixels, max_side: int | None = None):
+    """A runner image input from a uint8 CHW (or 1xCHW) tensor, as llava_main builds one: C is
+    1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA), planar. The .pte's encoder takes sides up
+    to the model's image size (`max_side`, checked when given: the runtime only checks dtype
+    and rank, and fails deep inside generate() otherwise). Raises ValueError naming the fault."""
+    from executorch.extension.llm.runner import Image, MultimodalInput, make_image_input
 
+    from llava_pipeline.runner_image import check_image
+
+    check_image(pixels, max_side if max_side is not None else max(pixels.shape[-2:]))
     if pixels.dim() == 4:
         pixels = pixels[0]
-    return make_image_input(pixels.contiguous())
+    if pixels.shape[0] in (3, 4):
+        return make_image_input(pixels.contiguous())
+    # make_image_input takes 3 or 4 channels only; the Image class takes what stb decodes.
+    c, h, w = pixels.shape
+    return MultimodalInput(Image(pixels.contiguous().flatten().tolist(), w, h, c))
 
 
 def token_input(ids: list[int]):

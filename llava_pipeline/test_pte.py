@@ -388,11 +388,14 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
         elif name in OPTIONAL:
             report.warn(name, "value", "absent (runner uses its default)", text)
 
+    from .runner_image import MAX_CHANNELS
+
     v, t = args.vision, args.text
     n_img, d, vocab = v.num_image_tokens, t.hidden_size, t.vocab_size
     text_room = seq - n_img  # longest text chunk the context can hold
     specs = {
-        "vision_encoder": ([("uint8", [1, v.num_channels, v.image_size, v.image_size])],
+        # The input's bounds: 1..4 channels, sides 1..image_size (runner_image.py).
+        "vision_encoder": ([("uint8", [1, MAX_CHANNELS, v.image_size, v.image_size])],
                            [("float32", [1, n_img, d])]),
         "token_embedding": ([("int64", [1, AtLeast(text_room)])], [("float32", [1, AtLeast(text_room), d])]),
         "text_decoder": ([("float32", [1, AtLeast(n_img), d]), ("int64", [1])], [("float32", [1, vocab])]),

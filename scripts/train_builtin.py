@@ -148,13 +148,24 @@ class Prompts:
         return prompt + self.enc(answer) + [EOS_ID], len(prompt)
 
 
-def make_batch(rng: random.Random, prompts: Prompts, n_images: int, max_shapes: int = 3):
+def scene_items(scene: shapes.Scene, rng: random.Random, keep: dict[str, float] | None) -> list[shapes.Item]:
+    """The questions one training scene is asked. Without `keep`: one per type. With it: every
+    colour question the scene allows, and each other type with probability `keep[type]` (1 if
+    not given), so that training time goes where the answers are still wrong."""
+    if keep is None:
+        return shapes.one_per_type(scene, rng)
+    return [item for item in shapes.questions(scene)
+            if item.qtype == "color" or rng.random() < keep.get(item.qtype, 1.0)]
+
+
+def make_batch(rng: random.Random, prompts: Prompts, n_images: int, max_shapes: int = 3,
+               keep: dict[str, float] | None = None):
     pixels, labels, seqs = [], [], []
     for i in range(n_images):
         scene = shapes.sample_scene(rng, rng.randint(1, max_shapes))
         pixels.append(to_pixels(scene_image(scene, rng)))
         labels.append(patch_labels(scene))
-        for item in shapes.one_per_type(scene, rng):
+        for item in scene_items(scene, rng, keep):
             r = rng.random()
             variant = 0 if r < 0.7 else (1 if r < 0.85 else 2)
             ids, n_prompt = prompts.sequence(item.question, item.answer, variant)
@@ -258,6 +269,27 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 40) -> float:
 # ----------------------------------------------------------------------------- training
 
 
+def grow_text_layers(model: LlavaForConditionalGeneration, n_layers: int) -> LlavaForConditionalGeneration:
+    """The same model with `n_layers` decoder layers: the trained ones first, then new ones whose
+    output projections (attention o_proj, MLP down_proj) start at zero, so that each new layer
+    adds nothing to the residual stream at first and the grown model computes what the trained
+    one did; training then gives the language model depth it can use."""
+    cfg = model.config
+    have = cfg.text_config.num_hidden_layers
+    if n_layers <= have:
+        raise SystemExit(f"error: --grow-text-layers {n_layers}: the model already has {have} layers")
+    cfg.text_config.num_hidden_layers = n_layers
+    grown = LlavaForConditionalGeneration(cfg).train()
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".layers." in k for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in grown.model.language_model.layers[have:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return grown
+
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -267,6 +299,8 @@ def train(args) -> tuple[LlavaForConditionalGeneration, dict]:
     rng = random.Random(args.seed)
     if args.init is not None:  # continue from an earlier run's checkpoint
         model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).train()
+        if args.grow_text_layers:
+            model = grow_text_layers(model, args.grow_text_layers)
     else:
         model = LlavaForConditionalGeneration(model_config()).train()
         with torch.no_grad():
@@ -329,7 +363,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, dict]:
             g["lr"] = lr_at(step, args.joint_steps, spec["peak"])
         # Curriculum: one or two shapes for the first steps, then the whole grammar.
         max_shapes = 2 if step < int(args.joint_steps * args.curriculum) else 3
-        pixels, labels, seqs = make_batch(rng, prompts, args.joint_batch, max_shapes)
+        pixels, labels, seqs = make_batch(rng, prompts, args.joint_batch, max_shapes, args.keep)
         feats = image_features(model, pixels)
         logits, targets, owner = answer_logits(model, feats, seqs)
         if args.loss_per == "sequence":  # every answer counts the same, however many tokens it has
@@ -491,6 +525,16 @@ def write_card(folder: Path, model, stats: dict) -> None:
         rows=rows, sha=stats["weights_sha256"]))
 
 
+def _keep(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        qtype, _, p = part.partition("=")
+        if qtype not in shapes.QUESTION_TYPES or qtype == "color":
+            raise argparse.ArgumentTypeError(f"--keep: {qtype!r} is not one of count, left, describe")
+        out[qtype] = float(p)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -511,6 +555,11 @@ def main(argv=None) -> int:
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder")
     ap.add_argument("--loss-per", choices=("token", "sequence"), default="sequence")
     ap.add_argument("--curriculum", type=float, default=0.1, help="share of joint steps with at most 2 shapes")
+    ap.add_argument("--grow-text-layers", type=int, default=0, metavar="N",
+                    help="with --init: append decoder layers up to N, each starting as the identity")
+    ap.add_argument("--keep", type=_keep, default=None, metavar="TYPE=P,...",
+                    help="ask every colour question of a scene, and each other type with probability P "
+                         "(e.g. count=0.5,left=0.5); default: one question per type")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
