@@ -23,7 +23,7 @@ PRESET = ("A chat between a curious human and an artificial intelligence assista
 # Pillow's filter standing in for stb's `stbir_resize_uint8` (stb picks Mitchell to shrink and
 # Catmull-Rom to enlarge; Pillow has no Mitchell, and its BICUBIC is Catmull-Rom).
 STB_STAND_IN = Image.Resampling.BICUBIC
-_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_STB_MODES = ("L", "LA", "RGB", "RGBA")  # stb's 1..4 channels
 
 
 def padded_like_encoder(chw: np.ndarray | torch.Tensor, size: int, fill: tuple[int, ...]) -> np.ndarray:
@@ -45,7 +45,7 @@ def llava_main_pixels(path: str | Path, size: int = 336) -> np.ndarray:
     with Image.open(path) as opened:
         opened.load()
         picture = opened
-        if picture.mode not in _MODES.values():
+        if picture.mode not in _STB_MODES:
             has_alpha = "A" in picture.getbands() or picture.info.get("transparency") is not None
             picture = picture.convert("RGBA" if has_alpha else "RGB")
         w, h = picture.size

@@ -138,14 +138,15 @@ class Chat:
     def first_turn(self, before: list[int], pixels, after: list[int], on_text) -> Turn:
         from .runner import image_input, token_input
 
+        image = image_input(pixels, max(self.runner.meta.image_size))  # a bad picture fails before any prefill
         t0 = time.perf_counter()
         self.runner.prefill([token_input(before)])
         t1 = time.perf_counter()
         if after:
-            self.runner.prefill([image_input(pixels, max(self.runner.meta.image_size))])
+            self.runner.prefill([image])
             image_s, last = time.perf_counter() - t1, [token_input(after)]
         else:  # a raw prompt ending in <image>: the image is the last input, prefilled by generate()
-            image_s, last = None, [image_input(pixels, max(self.runner.meta.image_size))]
+            image_s, last = None, [image]
         turn = self._answer(last, on_text)
         turn.prefill_s += t1 - t0
         turn.prompt_tokens = len(before) + len(after)

@@ -89,13 +89,13 @@ def load_runtime_kernels() -> None:
 def image_input(pixels, max_side: int | None = None):
     """A runner image input from a uint8 CHW (or 1xCHW) tensor, as llava_main builds one: C is
     1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA), planar. The .pte's encoder takes sides up
-    to the model's image size (`max_side`, checked when given: the runtime only checks dtype
-    and rank, and fails deep inside generate() otherwise). Raises ValueError naming the fault."""
+    to the model's image size (`max_side`, checked when given: a larger picture otherwise fails
+    inside generate() with a bare "Generation failed"). Raises ValueError naming the fault."""
     from executorch.extension.llm.runner import Image, MultimodalInput, make_image_input
 
     from llava_pipeline.runner_image import check_image
 
-    check_image(pixels, max_side if max_side is not None else max(pixels.shape[-2:]))
+    check_image(pixels, max_side)
     if pixels.dim() == 4:
         pixels = pixels[0]
     if pixels.shape[0] in (3, 4):

@@ -33,9 +33,10 @@ def pad_color(mean) -> tuple[int, ...]:
     return tuple(int(float(m) * 255) for m in mean)
 
 
-def check_image(image: torch.Tensor, size: int) -> None:
+def check_image(image: torch.Tensor, size: int | None) -> None:
     """Raise ValueError (one line) unless `image` is what the encoder accepts: uint8
-    `[1, C, H, W]` (or `[C, H, W]`) with C in 1..4 and H, W in 1..size."""
+    `[1, C, H, W]` (or `[C, H, W]`) with C in 1..4 and H, W in 1..size (sides unchecked
+    when `size` is None)."""
     shape = tuple(image.shape)
     dims = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
     if image.dtype != torch.uint8 or len(dims) != 3:
@@ -43,7 +44,7 @@ def check_image(image: torch.Tensor, size: int) -> None:
     c, h, w = dims
     if not 1 <= c <= MAX_CHANNELS:
         raise ValueError(f"image: {c} channels; the encoder takes 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
-    if not (1 <= h <= size and 1 <= w <= size):
+    if size is not None and not (1 <= h <= size and 1 <= w <= size):
         raise ValueError(f"image: {h}x{w} pixels; the encoder takes 1..{size} on each side "
                          f"(resize the longest edge to {size} first)")
 

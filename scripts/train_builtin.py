@@ -289,7 +289,6 @@ def grow_text_layers(model: LlavaForConditionalGeneration, n_layers: int) -> Lla
     return grown
 
 
-
 def log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -61,83 +61,75 @@ def pictures(tmp_path_factory) -> dict[str, Path]:
     return {name: d / name for name in files}
 
 
-def llava_main_generate(outputs: Path, chw: np.ndarray, prompt: str = PROMPT) -> tuple[list[bytes], dict]:
-    """main.cpp's call sequence through the binding; the answer's pieces (EOS left out) and the
-    runner's Stats."""
-    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_text_input
+class Export:
+    """One finished export, and what its checks read once: the runner's tokenizer, the image's
+    positions in the cache, and transformers' model and image processor of its checkpoint."""
 
-    load_runtime_kernels()
-    runner = MultimodalRunner(str(outputs / "llava.pte"), str(outputs / "tokenizer.bin"))
-    inputs = [make_text_input(PRESET), image_input(torch.from_numpy(chw)), make_text_input(prompt)]
-    pieces, stats = [], {}
-    config = GenerationConfig(echo=True, temperature=0.0, max_new_tokens=NEW_TOKENS)
-    runner.generate(inputs, config, lambda p: pieces.append(p.encode("utf-8")),
-                    lambda s: stats.update(json.loads(s.to_json_string())))
-    # With echo the runner shows the last text input first (not the preset, not the image),
-    # then one piece per sampled token, the EOS included.
-    echo = prompt.encode("utf-8")
-    assert echo in pieces, pieces[:3]
-    answer = pieces[len(pieces) - pieces[::-1].index(echo):]
-    eos = Vocabulary(outputs / "tokenizer.bin")
-    if answer and answer[-1] == eos.piece(eos.eos):
-        answer = answer[:-1]
-    return answer, stats
+    def __init__(self, outputs: Path):
+        from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
+        from llava_pipeline.runner import read_program_meta
 
-def hf_generate(outputs: Path, chw: np.ndarray, n_bos: int, prompt: str = PROMPT) -> list[int]:
-    """transformers' greedy answer (ids, up to EOS) on the same ids and the padded pixels."""
-    from transformers import AutoImageProcessor
+        self.outputs = outputs
+        self.vocab = Vocabulary(outputs / "tokenizer.bin")
+        self.image_tokens = read_program_meta(outputs / "llava.pte").image_tokens
+        ckpt = outputs / "download"
+        self.model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+        self.processor = AutoImageProcessor.from_pretrained(ckpt)
+        self.side = self.processor.crop_size["height"]
 
-    ckpt = outputs / "download"
-    model = _hf_model(ckpt)
-    processor = AutoImageProcessor.from_pretrained(ckpt)
-    side = processor.crop_size["height"]
-    canvas = llava_main.padded_like_encoder(chw, side, runner_image.pad_color(processor.image_mean))
-    pixel_values = processor(Image.fromarray(canvas.transpose(1, 2, 0)), do_resize=False, do_center_crop=False,
-                             return_tensors="pt")["pixel_values"]
-    vocab = Vocabulary(outputs / "tokenizer.bin")
-    n_img = model.config.image_seq_length
-    ids = vocab.encode(PRESET, n_bos, 0) + [model.config.image_token_id] * n_img + vocab.encode(prompt, 0, 0)
-    seq = torch.tensor([ids])
-    with torch.no_grad():
-        out = model.generate(input_ids=seq, pixel_values=pixel_values, attention_mask=torch.ones_like(seq),
-                             max_new_tokens=NEW_TOKENS, do_sample=False)
-    new = out[0, len(ids):].tolist()
-    eos = model.config.text_config.eos_token_id
-    return new[: new.index(eos)] if eos in new else new
+    def llava_main_generate(self, chw: np.ndarray, prompt: str = PROMPT) -> tuple[list[bytes], dict]:
+        """main.cpp's call sequence through the binding (a fresh runner, as each llava_main run
+        has); the answer's pieces (EOS left out) and the runner's Stats."""
+        from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_text_input
 
+        load_runtime_kernels()
+        runner = MultimodalRunner(str(self.outputs / "llava.pte"), str(self.outputs / "tokenizer.bin"))
+        inputs = [make_text_input(PRESET), image_input(torch.from_numpy(chw)), make_text_input(prompt)]
+        pieces, stats = [], {}
+        config = GenerationConfig(echo=True, temperature=0.0, max_new_tokens=NEW_TOKENS)
+        runner.generate(inputs, config, lambda p: pieces.append(p.encode("utf-8")),
+                        lambda s: stats.update(json.loads(s.to_json_string())))
+        # With echo the runner shows the last text input first (not the preset, not the image),
+        # then one piece per sampled token, the EOS included.
+        echo = prompt.encode("utf-8")
+        assert echo in pieces, pieces[:3]
+        answer = pieces[len(pieces) - pieces[::-1].index(echo):]
+        if answer and answer[-1] == self.vocab.piece(self.vocab.eos):
+            answer = answer[:-1]
+        return answer, stats
 
-_models: dict[Path, object] = {}
+    def hf_generate(self, chw: np.ndarray, n_bos: int, prompt: str = PROMPT) -> list[int]:
+        """transformers' greedy answer (ids, up to EOS) on the same ids and the padded pixels."""
+        canvas = llava_main.padded_like_encoder(chw, self.side, runner_image.pad_color(self.processor.image_mean))
+        pixel_values = self.processor(Image.fromarray(canvas.transpose(1, 2, 0)), do_resize=False,
+                                      do_center_crop=False, return_tensors="pt")["pixel_values"]
+        cfg = self.model.config
+        ids = (self.vocab.encode(PRESET, n_bos, 0) + [cfg.image_token_id] * self.image_tokens
+               + self.vocab.encode(prompt, 0, 0))
+        seq = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.model.generate(input_ids=seq, pixel_values=pixel_values, attention_mask=torch.ones_like(seq),
+                                      max_new_tokens=NEW_TOKENS, do_sample=False)
+        new = out[0, len(ids):].tolist()
+        eos = cfg.text_config.eos_token_id
+        return new[: new.index(eos)] if eos in new else new
 
-
-def _hf_model(ckpt: Path):
-    from transformers import LlavaForConditionalGeneration
-
-    if ckpt not in _models:
-        _models.clear()  # one resident at a time (the 7B-shape one is 1.3 GB)
-        _models[ckpt] = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-    return _models[ckpt]
+    def answers(self, pictures: dict[str, Path]) -> dict[str, tuple[list[bytes], list[bytes]]]:
+        """Per picture: (the runner's answer, transformers' answer), as pieces."""
+        base = len(self.vocab.encode(PRESET, 0, 0)) + self.image_tokens + len(self.vocab.encode(PROMPT, 0, 0))
+        out = {}
+        for name, path in pictures.items():
+            chw = llava_main.llava_main_pixels(path, self.side)
+            got, stats = self.llava_main_generate(chw)
+            n_bos = int(stats["prompt_tokens"]) - base  # how many BOS the runner put before the preset text
+            assert n_bos in (0, 1), (name, stats)
+            out[name] = (got, [self.vocab.piece(i) for i in self.hf_generate(chw, n_bos)])
+        return out
 
 
 def _answers(outputs: Path, pictures: dict[str, Path]) -> dict[str, tuple[list[bytes], list[bytes]]]:
-    vocab = Vocabulary(outputs / "tokenizer.bin")
-    side = int(json.loads((outputs / "download" / "preprocessor_config.json").read_text())["crop_size"]["height"])
-    out = {}
-    for name, path in pictures.items():
-        chw = llava_main.llava_main_pixels(path, side)
-        got, stats = llava_main_generate(outputs, chw)
-        base = len(vocab.encode(PRESET, 0, 0)) + stats_image_tokens(outputs) + len(vocab.encode(PROMPT, 0, 0))
-        n_bos = int(stats["prompt_tokens"]) - base  # how many BOS the runner put before the preset text
-        assert n_bos in (0, 1), (name, stats)
-        want = [vocab.piece(i) for i in hf_generate(outputs, chw, n_bos)]
-        out[name] = (got, want)
-    return out
-
-
-def stats_image_tokens(outputs: Path) -> int:
-    from llava_pipeline.runner import read_program_meta
-
-    return read_program_meta(outputs / "llava.pte").image_tokens
+    return Export(outputs).answers(pictures)
 
 
 def _check_fp32(answers):
@@ -169,6 +161,22 @@ def test_8da4w_export_agreement(export_8da4w, pictures, record_property):
     record_property("llava_main_exact_answer_agreement_8da4w", agree)
     print(json.dumps({"agreement": agree, **{k: g == w for k, (g, w) in answers.items()}}))
     assert agree >= AGREEMENT_8DA4W_FLOOR
+
+
+@pytest.mark.parametrize("shape", [(3, 400, 336), (3, 337, 1), (1, 400, 100)])
+def test_oversized_image_fails_inside_the_runner(export_fp32, shape):
+    """What an app meets that skips the resize: the binding's generate() fails (the encoder's
+    bounds hold), with nothing more specific than "Generation failed"."""
+    from executorch.extension.llm.runner import Image as RunnerImageInput
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalInput, MultimodalRunner, make_text_input
+
+    load_runtime_kernels()
+    runner = MultimodalRunner(str(export_fp32 / "llava.pte"), str(export_fp32 / "tokenizer.bin"))
+    c, h, w = shape
+    picture = MultimodalInput(RunnerImageInput([0] * (c * h * w), w, h, c))
+    with pytest.raises(RuntimeError, match="Generation failed"):
+        runner.generate([make_text_input(PRESET), picture, make_text_input(PROMPT)],
+                        GenerationConfig(echo=True, temperature=0.0, max_new_tokens=4), lambda p: None, lambda s: None)
 
 
 def test_oversized_image_is_refused_before_the_runner():
