@@ -86,3 +86,28 @@ def test_manifest_records_exactly_the_params_dvc_tracks(name):
     tracked = _keys(STAGES[name].get("params", []), params)
     recorded = _keys(importlib.import_module(f"stages.{name}").SECTIONS, params)
     assert recorded == tracked, f"stage {name}: manifest {sorted(recorded)} vs dvc.yaml {sorted(tracked)}"
+
+
+def test_committed_lock_matches_the_checked_in_sources_and_params():
+    """dvc.lock records the md5 of every source file a stage depends on and the values of its
+    params; a code or params.yaml change committed without `dvc repro` leaves a lock that a clean
+    clone's `dvc status` reports as changed (the slow test_dvc checks find it after minutes, this
+    in a second)."""
+    import hashlib
+
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert sorted(lock) == sorted(STAGES), "dvc.lock and dvc.yaml list different stages: run dvc repro"
+    stale = []
+    for name, entry in lock.items():
+        for dep in entry.get("deps", []):
+            path = ROOT / dep["path"]
+            if path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+                stale.append(f"{name}: {dep['path']}")
+        for values in entry.get("params", {}).values():
+            for key, value in values.items():
+                section, _, sub = key.partition(".")
+                current = params[section][sub] if sub else params[section]
+                if current != value:
+                    stale.append(f"{name}: {key} = {current!r}, lock has {value!r}")
+    assert not stale, f"dvc.lock is stale (run dvc repro, commit dvc.lock): {stale}"
