@@ -12,7 +12,7 @@ export PYTHONWARNINGS := ignore
 
 QUESTION ?= Describe the picture.
 
-.PHONY: run venv export demo test test-fast clean bench bench-peers bench-7b
+.PHONY: run venv export demo lint test test-fast clean bench bench-peers bench-7b
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,15 +40,19 @@ demo: venv
 
 run: export demo
 
+# ruff (pinned in pyproject.toml's test extra; rules in [tool.ruff]), before any test runs.
+lint: venv
+	$(BIN)/ruff check .
+
 # Two workers, one test file at a time each: most of the time goes to single-threaded
 # lowering, and the shared exports (tests/conftest.py) are built once for both. One torch
 # thread per worker: beside another two-thread job the reference stage took 481 s, not 68 s
 # (its outputs are the same bytes with one thread or two).
 TEST_FLAGS := -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=12
-test: venv
+test: venv lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(TEST_FLAGS)
 
-test-fast: venv
+test-fast: venv lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(TEST_FLAGS) -m "not slow"
 
 # Benchmarks (not part of `make test`): results in outputs/bench/ (results.md, plot.png,

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from . import stage
-from .stage import PipelineError
+from . import files
+from .errors import PipelineError
 
-read_json = partial(stage.read_json, missing="missing from the checkpoint")
+read_json = partial(files.read_json, missing="missing from the checkpoint")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from .checkpoint_files import read_json
-from .stage import PipelineError
+from .errors import PipelineError
+from .processor_files import ASSETS, write_processor_files
 
 # Files a LLaVA-1.5 checkpoint folder is made of (weights may be sharded).
 CHECKPOINT_PATTERNS = (
@@ -32,8 +33,6 @@ CHECKPOINT_PATTERNS = (
 )
 REQUIRED = ("config.json", "tokenizer.model", "preprocessor_config.json")
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TINY_TOKENIZER_MODEL = ASSETS / "tokenizer" / "llama2.model"
 # builtin:tiny: the committed checkpoint trained on the shapes task (its README.md is the model card).
 BUILTIN_TINY = ASSETS / "models" / "tiny"
 
@@ -59,36 +58,6 @@ def check_checkpoint(folder: Path) -> dict:
     return cfg
 
 
-def write_processor_files(out: Path, config) -> None:
-    """Tokenizer and image processor files of an HF LLaVA-1.5 folder: the real Llama-2
-    vocabulary plus <image>/<pad>, and the LLaVA-1.5 image processor settings (336 px
-    shortest edge, bicubic, center crop)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    from .tokenizer import LLAVA_ADDED_TOKENS, make_hf_tokenizer, write_hf_tokenizer
-
-    size = config.vision_config.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        resample=3,
-        do_center_crop=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
-    LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=make_hf_tokenizer(TINY_TOKENIZER_MODEL, LLAVA_ADDED_TOKENS),
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-    ).save_pretrained(out)
-    image_processor.save_pretrained(out)  # preprocessor_config.json, as llava-hf ships it
-    # Last: the processor's save rewrites tokenizer_config.json without `legacy`.
-    write_hf_tokenizer(TINY_TOKENIZER_MODEL, out, LLAVA_ADDED_TOKENS)
-
-
 def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = None,
                   vision_layers: int | None = None) -> None:
     """A built-in LLaVA in HF format, like llava-hf/llava-1.5-7b-hf.
@@ -102,7 +71,7 @@ def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = N
     if source == "builtin:tiny":
         copy_local(BUILTIN_TINY, out, link=False)
     elif source == "builtin:tiny-random":
-        from .tiny import make_tiny_llava, tiny_llava_config
+        from .tiny import make_tiny_llava, tiny_llava_config  # torch, transformers: random built-ins only
 
         config = tiny_llava_config()
         if text_layers is not None:
@@ -115,7 +84,7 @@ def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = N
     elif source == "builtin:llava-7b-shape":
         import torch
 
-        from .synthetic import llava_7b_config, write_checkpoint
+        from .synthetic import llava_7b_config, write_checkpoint  # as above
 
         write_checkpoint(out, llava_7b_config(text_layers or 2, vision_layers or 3), seed, torch.bfloat16)
     else:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import image as image_mod
 from . import shapes
-from .stage import PipelineError
+from .errors import PipelineError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "images"
 PHOTOS = ("coffee.jpg", "chelsea.jpg", "astronaut.jpg")

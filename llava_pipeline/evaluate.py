@@ -32,7 +32,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from .stage import PipelineError
+from .chat import Chat, first_prompt_ids
+from .errors import PipelineError
+from .runner import Runner, load_runtime_kernels, native_output_captured
+from .tokenizer import _load_llama2c, runner_prompt_token_segments
 
 MB = 1 << 20
 
@@ -50,16 +53,13 @@ class Answer:
 def runner_answers(pte: Path, tokenizer: Path, records: list[dict], pixels: dict[str, torch.Tensor],
                    max_new_tokens: int, progress: Callable[[Iterable], Iterable] = iter) -> list[Answer]:
     """Greedy answers of ExecuTorch's MultimodalRunner, one per reference record."""
-    from .run import Chat, _first_prompt_ids
-    from .runner import Runner, native_output_captured
-
     with native_output_captured():
         runner = Runner(pte, tokenizer)
     out = []
     for rec in progress(records):
         runner.reset()
         chat = Chat(runner, runner.meta.max_context_len, 0.0, max_new_tokens)
-        before, after = _first_prompt_ids(runner.vocab, rec["question"], raw=False)
+        before, after = first_prompt_ids(runner.vocab, rec["question"])
         pieces: list[str] = []
         with native_output_captured():
             turn = chat.first_turn(before, pixels[rec["image"]], after, pieces.append)
@@ -76,9 +76,6 @@ def teacher_forced(pte: Path, tokenizer: Path, records: list[dict], pixels: dict
     one token at a time through the program's own methods."""
     # The extension module itself: the portable_lib wrapper imports executorch.exir (seconds).
     from executorch.extension.pybindings._C import _load_for_executorch
-
-    from .runner import load_runtime_kernels, native_output_captured
-    from .tokenizer import _load_llama2c, runner_prompt_token_segments
 
     load_runtime_kernels()
     vocab = _load_llama2c(tokenizer)

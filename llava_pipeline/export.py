@@ -22,7 +22,7 @@ METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 
 def register_ops() -> None:
     """Register the non-core ops a lowered LLaVA program calls (custom LLM ops, quant ops)."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama::update_cache, custom_sdpa
+    import executorch.extension.llm.custom_ops.custom_ops  # llama::update_cache, custom_sdpa
     import executorch.kernels.quantized  # noqa: F401  quantized_decomposed::embedding_byte
     import torchao.quantization  # noqa: F401  torchao::choose_qparams_affine, ...
 

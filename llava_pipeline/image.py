@@ -139,3 +139,33 @@ def save_image_pt(tensor: torch.Tensor, path: str | Path) -> None:
     if tensor.dtype != torch.uint8 or tensor.dim() != 3 or tensor.shape[0] != 3:
         raise ValueError(f"expected a uint8 [3, H, W] tensor, got {tensor.dtype} {tuple(tensor.shape)}")
     torch.save(tensor.contiguous().clone(), path)
+
+
+class ImageFileError(ValueError):
+    """An image.pt or picture file the model cannot take (the message names the file)."""
+
+
+def load_pixels(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [3, H, W] for a model of image size ``size`` (height, width) from image.pt (as
+    ``save_image_pt`` writes it, 1xCHW taken too) or an ordinary image file, preprocessed as
+    LLaVA-1.5's HF processor does (``preprocess_to_uint8``). ImageFileError naming the fault."""
+    path = Path(path)
+    height, width = size
+    if path.suffix == ".pt":
+        try:
+            pixels = torch.load(path, weights_only=True)
+        except Exception as e:
+            raise ImageFileError(f"{path} is not a torch tensor file ({e})") from None
+        if not (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.dim() in (3, 4)):
+            raise ImageFileError(f"{path} must hold a uint8 CHW tensor")
+        pixels = pixels.reshape(pixels.shape[-3:])
+        if tuple(pixels.shape) != (3, height, width):
+            raise ImageFileError(f"{path} is {tuple(pixels.shape)}, the model takes (3, {height}, {width})")
+        return pixels
+    try:
+        picture = load_image(path)
+    except Exception as e:  # PIL: unidentified, truncated, decompression bomb, ...
+        raise ImageFileError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+    if height != width:
+        raise ImageFileError(f"the model takes {height}x{width} images; pass an image.pt")
+    return preprocess_to_uint8(picture, height)

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import torch
 
+from . import export
 from .config import ConfigError, QuantConfig
-from .model import LlavaModel, ModelArgs
+from .convert import iter_safetensors, load_checkpoint, read_hf_config, renamed, safetensors_files
+from .errors import PipelineError
+from .files import read_json
+from .model import LlavaModel, ModelArgs, load_units
+from .quantize import decoder_linears, prepare_quantized_structure
 from .source_transforms import apply_source_transforms, check_custom_ops
-from .stage import PipelineError, read_json
 
 SOURCE_TRANSFORMS = ("custom_kv_cache", "custom_sdpa")  # export.kv_cache=fp32
 KV_CACHE_TRANSFORMS = {"fp32": SOURCE_TRANSFORMS, "int8": (*SOURCE_TRANSFORMS, "quantized_kv_cache")}
@@ -37,8 +41,6 @@ def _is_state(key: str) -> bool:
 
 def hf_model_args(ckpt: Path, max_seq_len: int) -> ModelArgs:
     """ModelArgs from a checkpoint's JSON files, with max_seq_len validated against it."""
-    from .convert import read_hf_config
-
     try:
         args = read_hf_config(ckpt, max_seq_len)
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError too
@@ -58,8 +60,6 @@ def hf_model_args(ckpt: Path, max_seq_len: int) -> ModelArgs:
 def transform_checkpoint(ckpt: Path, max_seq_len: int):
     """Load the HF checkpoint into this project's model and apply the source transforms
     (in memory, fp32: for tests and small models; the stage streams, see `write_transformed`)."""
-    from .convert import load_checkpoint
-
     args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
     try:
         model = load_checkpoint(ckpt, max_seq_len)
@@ -112,8 +112,6 @@ def write_transformed(ckpt: Path, max_seq_len: int, out: Path, shard_bytes: int 
     (checked there) and the weights are renamed tensor by tensor, shape-checked against
     that model and kept in the checkpoint's dtype (bf16/fp16 stay 2 bytes: nothing is
     lost, later stages upcast what they keep in fp32). Memory: one shard."""
-    from .convert import iter_safetensors, renamed, safetensors_files
-
     args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
     model = empty_model(args, transforms)
     check_custom_ops(model, transforms)
@@ -189,18 +187,7 @@ def fill_model(model: LlavaModel, state: dict) -> LlavaModel:
 
 def decoder_in_features(args: ModelArgs) -> dict[str, int]:
     """in_features of every text-decoder linear (lm_head included), without weights."""
-    from .quantize import decoder_linears
-
     return {k: m.in_features for k, m in decoder_linears(empty_model(args)).items()}
-
-
-def load_units(model: LlavaModel) -> list[str]:
-    """The pieces a model is loaded (and quantized) in, one at a time: each decoder layer,
-    the lm_head, the token embedding, and the rest. At 7B the largest is one layer's
-    ~0.8 GB of fp32 weights (or the 0.5 GB embedding table)."""
-    n = model.args.text.num_layers
-    return ["vision_encoder", "token_embedding", *(f"text_decoder.layers.{i}" for i in range(n)),
-            "text_decoder.norm", "text_decoder.output"]
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -258,8 +245,6 @@ def load_transformed(folder: Path, on_unit=None, dtype: torch.dtype = torch.floa
 
 def load_quantized(folder: Path):
     """(model, args, quant config) from the quantize stage's folder."""
-    from .quantize import prepare_quantized_structure
-
     args = load_args(folder)
     quant = QuantConfig(**read_json(folder / "manifest.json")["config"]["quant"])
     import torchao.quantization  # noqa: F401  registers its tensor subclasses as safe to load
@@ -270,6 +255,4 @@ def load_quantized(folder: Path):
 
 
 def constant_methods(args: ModelArgs) -> dict:
-    from .export import constant_methods as make
-
-    return make(args, args.text.bos_token_id, list(args.text.eos_token_ids))
+    return export.constant_methods(args, args.text.bos_token_id, list(args.text.eos_token_ids))

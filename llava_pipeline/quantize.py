@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import QPARAMS, ConfigError, QuantConfig
-
+from .model import load_units
 
 XNNPACK_GROUP_MULTIPLE = 32
 
@@ -51,7 +51,7 @@ def check_group_size(in_features: dict[str, int], quant: QuantConfig) -> None:
 
 @torch.no_grad()
 def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
-    """Quantize one load unit of `model` (see model_io.load_units) in place, per `quant`:
+    """Quantize one load unit of `model` (see model.load_units) in place, per `quant`:
     the decoder layers and lm_head get 8da4w, the token embedding int8; the rest stays."""
     if quant.scheme == "8da4w" and unit.startswith(("text_decoder.layers.", "text_decoder.output")):
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
@@ -94,8 +94,6 @@ def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
 @torch.no_grad()
 def quantize_model(model, quant: QuantConfig):
     """Quantize a whole in-memory `model` in place per `quant`; returns it."""
-    from .model_io import load_units
-
     check_group_size({k: m.in_features for k, m in decoder_linears(model).items()}, quant)
     for unit in load_units(model):
         quantize_unit(unit, model, quant)

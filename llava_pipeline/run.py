@@ -28,11 +28,10 @@ import math
 import os
 import resource
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import tokenizer as tok_mod
+from .chat import Chat, Turn, first_prompt_ids
+from .runner import Runner, Vocabulary, load_runtime_kernels, native_output_captured, read_program_meta
 
 
 class UsageError(Exception):
@@ -76,120 +75,13 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag}: {path} not found")
 
 
-def load_pixels(path: Path, size: tuple[int, int]):
-    """uint8 [3, H, W] from image.pt or an image file."""
-    import torch
+def _load_pixels(path: Path, size: tuple[int, int]):
+    from . import image as image_mod  # torch, numpy and PIL: only once the flags are checked
 
-    from . import image as image_mod
-
-    height, width = size
-    if path.suffix == ".pt":
-        try:
-            pixels = torch.load(path, weights_only=True)
-        except Exception as e:
-            raise UsageError(f"--image_path: {path} is not a torch tensor file ({e})") from None
-        if not (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.dim() in (3, 4)):
-            raise UsageError(f"--image_path: {path} must hold a uint8 CHW tensor")
-        pixels = pixels.reshape(pixels.shape[-3:])
-        if tuple(pixels.shape) != (3, height, width):
-            raise UsageError(f"--image_path: {path} is {tuple(pixels.shape)}, the model takes (3, {height}, {width})")
-        return pixels
     try:
-        picture = image_mod.load_image(path)
-    except Exception as e:  # PIL: unidentified, truncated, decompression bomb, ...
-        raise UsageError(f"--image_path: cannot read {path} as an image ({type(e).__name__}: {e})") from None
-    if height != width:
-        raise UsageError(f"--image_path: the model takes {height}x{width} images; pass an image.pt")
-    return image_mod.preprocess_to_uint8(picture, height)
-
-
-# ------------------------------------------------------------------ the conversation
-
-
-@dataclass
-class Turn:
-    """Timings of one answer (seconds, time.perf_counter differences)."""
-
-    prompt_tokens: int  # text tokens prefilled for this turn
-    prefill_s: float  # those tokens' prefill, up to the first answer token
-    tokens: int  # answer tokens sampled (an EOS included)
-    decode_s: float  # from the first to the last answer token
-    stop: str
-    image_s: float | None = None  # first turn: the separate prefill([image]) call
-    resyncs: int = 0
-
-
-class Chat:
-    """A LLaVA-1.5 conversation about one image on a ``Runner``, its KV cache kept."""
-
-    def __init__(self, runner, seq_len: int, temperature: float, max_new_tokens: int):
-        self.runner = runner
-        self.vocab = runner.vocab
-        self.seq_len = seq_len
-        self.temperature = temperature
-        self.max_new_tokens = max_new_tokens
-        self.pending: list[int] = []  # tokens that close the previous answer, fed before the next turn
-        self.over = ""  # why the conversation cannot go on, once it cannot
-
-    @property
-    def pos(self) -> int:
-        return self.runner.pos
-
-    def first_turn(self, before: list[int], pixels, after: list[int], on_text) -> Turn:
-        from .runner import image_input, token_input
-
-        image = image_input(pixels, max(self.runner.meta.image_size))  # a bad picture fails before any prefill
-        t0 = time.perf_counter()
-        self.runner.prefill([token_input(before)])
-        t1 = time.perf_counter()
-        if after:
-            self.runner.prefill([image])
-            image_s, last = time.perf_counter() - t1, [token_input(after)]
-        else:  # a raw prompt ending in <image>: the image is the last input, prefilled by generate()
-            image_s, last = None, [image]
-        turn = self._answer(last, on_text)
-        turn.prefill_s += t1 - t0
-        turn.prompt_tokens = len(before) + len(after)
-        turn.image_s = image_s
-        return turn
-
-    def next_ids(self, question: str) -> list[int]:
-        """Token ids of a follow-up turn: the previous answer's closing tokens, then
-        ``USER: {question} ASSISTANT:`` (with the dummy prefix SentencePiece gives it)."""
-        tok_mod.runner_prompt_segments(question)  # same checks as the first turn (ValueError)
-        return self.pending + self.vocab.encode(f"USER: {question} ASSISTANT:", 0, 0)
-
-    def fits(self, ids: list[int]) -> bool:
-        return self.pos + len(ids) < self.seq_len  # room for the turn and one answer token
-
-    def next_turn(self, ids: list[int], on_text) -> Turn:
-        from .runner import token_input
-
-        turn = self._answer([token_input(ids)], on_text)
-        turn.prompt_tokens = len(ids)
-        return turn
-
-    def _answer(self, inputs: list, on_text) -> Turn:
-        gen = self.runner.generate(inputs, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                   num_bos=0, seq_len=self.seq_len, on_text=on_text)
-        if gen.stop == "eos":
-            self.pending = [gen.eos_id]
-        elif gen.stop == "max_new_tokens" and gen.pending_id is not None:
-            self.pending = [gen.pending_id, self.vocab.eos]
-        elif gen.stop == "max_new_tokens":
-            self.pending, self.over = [], "the answer's last piece maps to no token id"
-        else:
-            self.pending, self.over = [], "context full"
-
-        t_first = gen.t_first if gen.t_first is not None else time.perf_counter()
-        return Turn(
-            prompt_tokens=0,
-            prefill_s=t_first - gen.t_start,
-            tokens=gen.tokens,
-            decode_s=(gen.t_last or t_first) - t_first,
-            stop=gen.stop,
-            resyncs=gen.resyncs,
-        )
+        return image_mod.load_pixels(path, size)
+    except image_mod.ImageFileError as e:
+        raise UsageError(f"--image_path: {e}") from None
 
 
 def format_stats(turn: Turn, chat: Chat, image_tokens: int) -> list[str]:
@@ -236,20 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _first_prompt_ids(vocab, prompt: str, raw: bool) -> tuple[list[int], list[int]]:
-    try:
-        segments = tok_mod.split_prompt(prompt) if raw else tok_mod.runner_prompt_segments(prompt)
-    except ValueError as e:
-        raise UsageError(f"--prompt: {e}") from None
-    before = vocab.encode(segments.before_image, vocab.bos, 0) if segments.before_image else [vocab.bos]
-    after = vocab.encode(segments.after_image, 0, 0) if segments.after_image else []
-    return before, after
-
-
 def _run(args: argparse.Namespace) -> int:
     _check_flags(args)
-    from .runner import Runner, Vocabulary, load_runtime_kernels, native_output_captured, read_program_meta
-
     with native_output_captured():  # library chatter on fds 1 and 2 while loading
         load_runtime_kernels()
         try:
@@ -268,14 +148,17 @@ def _run(args: argparse.Namespace) -> int:
     seq_len = meta.max_context_len if args.seq_len is None else args.seq_len
     if seq_len > meta.max_context_len:
         raise UsageError(f"--seq_len: {seq_len} is above the model's maximum of {meta.max_context_len}")
-    pixels = load_pixels(args.image_path, meta.image_size)
+    pixels = _load_pixels(args.image_path, meta.image_size)
 
     question = args.prompt
     if question is None:  # --interactive without --prompt: the first line is the first turn
         question = _read_question()
         if question is None:
             return 0
-    before, after = _first_prompt_ids(vocab, question, args.raw)
+    try:
+        before, after = first_prompt_ids(vocab, question, args.raw)
+    except ValueError as e:
+        raise UsageError(f"--prompt: {e}") from None
     needed = len(before) + meta.image_tokens + len(after)
     text_tokens = len(before) + len(after)
     if needed >= meta.max_context_len:
@@ -328,8 +211,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _ask(chat: Chat, turn_fn) -> Turn:
-    from .runner import native_output_captured
-
     def on_text(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()

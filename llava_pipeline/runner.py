@@ -51,7 +51,7 @@ REQUIRED_METHODS = ("token_embedding", "text_decoder", "vision_encoder", "get_ma
 
 def load_kernels() -> None:
     """Register the custom LLM ops and quantized kernels with the runtime (and with eager torch)."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.extension.llm.custom_ops.custom_ops  # llama::update_cache, custom_sdpa
     import executorch.kernels.quantized  # noqa: F401
 
 
@@ -93,7 +93,7 @@ def image_input(pixels, max_side: int | None = None):
     inside generate() with a bare "Generation failed"). Raises ValueError naming the fault."""
     from executorch.extension.llm.runner import Image, MultimodalInput, make_image_input
 
-    from llava_pipeline.runner_image import check_image
+    from llava_pipeline.runner_image import check_image  # imports torch, which this module's top level does not
 
     check_image(pixels, max_side)
     if pixels.dim() == 4:

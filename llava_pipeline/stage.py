@@ -14,8 +14,6 @@ its size) or one error line; everything the libraries print goes to
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import resource
 import shutil
@@ -27,6 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as config_mod
+from .errors import PipelineError
+from .files import sha256_file, write_json
 
 OUTPUTS = Path("outputs")
 # The DAG in an order that runs it by hand (dvc.yaml declares the same edges): the export,
@@ -43,18 +43,6 @@ PACKAGES = (
     "pytorch-tokenizers",
     "pillow",
 )
-
-
-class PipelineError(RuntimeError):
-    """An expected failure (bad input, missing upstream output): reported in one line."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_tree(path: Path) -> dict[str, str]:
@@ -76,20 +64,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: Path, missing: str = "missing (run the upstream stage first: dvc repro)") -> dict:
-    """A JSON file's content; PipelineError naming the file if absent or malformed."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: {missing}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e})") from None
 
 
 def upstream(stage: str, outputs: Path = OUTPUTS) -> Path:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .tiny import _init_, _shape_lm_head, tiny_llava_config
+from .processor_files import write_processor_files
+from .tiny import init_, shape_lm_head, tiny_llava_config
 
 # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf config.json).
 FULL_TEXT_LAYERS = 32
@@ -67,10 +68,10 @@ def parameter_shapes(config) -> dict[str, torch.Size]:
 def random_tensor(name: str, shape, seed: int, shapes: dict) -> torch.Tensor:
     """One parameter, fp32, the same bytes whatever else is generated."""
     t = torch.empty(shape, dtype=torch.float32)
-    _init_(name, t, _generator(seed, name))
+    init_(name, t, _generator(seed, name))
     if name.endswith("lm_head.weight"):
         embed_name = next(k for k in shapes if k.endswith("embed_tokens.weight"))
-        _shape_lm_head(t, random_tensor(embed_name, shapes[embed_name], seed, shapes))
+        shape_lm_head(t, random_tensor(embed_name, shapes[embed_name], seed, shapes))
     return t
 
 
@@ -105,8 +106,6 @@ def write_weights(out: Path, config, seed: int, dtype: torch.dtype, shard_bytes:
 def write_checkpoint(out: Path, config, seed: int, dtype: torch.dtype = torch.bfloat16,
                      shard_bytes: int = SHARD_BYTES) -> None:
     """A complete HF-format LLaVA-1.5 folder: weights, config, tokenizer, image processor."""
-    from .download import write_processor_files
-
     out.mkdir(parents=True, exist_ok=True)
     config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
     config.save_pretrained(out)

@@ -70,7 +70,10 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from .stage import PipelineError, read_json, sha256_file
+from . import tokenizer as tok_mod
+from .errors import PipelineError
+from .files import read_json, sha256_file
+from .runner import load_kernels, native_output_captured
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 REQUIRED = (*METHODS, "get_max_seq_len")
@@ -160,8 +163,6 @@ def _serve(fd: int, pte: str) -> None:
     from multiprocessing.connection import Connection
 
     import torch
-
-    from .runner import load_kernels
 
     conn = Connection(fd)
     try:
@@ -388,7 +389,7 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
         elif name in OPTIONAL:
             report.warn(name, "value", "absent (runner uses its default)", text)
 
-    from .runner_image import MAX_CHANNELS
+    from .runner_image import MAX_CHANNELS  # imports torch, which this module's top level does not
 
     v, t = args.vision, args.text
     n_img, d, vocab = v.num_image_tokens, t.hidden_size, t.vocab_size
@@ -465,8 +466,6 @@ def _prompt(tok, args) -> tuple[list[int], list[int]]:
     import torch
 
     if tok is not None:
-        from . import tokenizer as tok_mod
-
         return tok_mod.runner_prompt_token_segments(tok, QUESTION)
     g = torch.Generator().manual_seed(0)
     hi = min(args.text.vocab_size, args.image_token_index)
@@ -626,8 +625,6 @@ def verify(pte_path, tokenizer_path=None, outputs_dir=None, steps: int = 40,
         head = f.read(8)
     if len(head) < 8 or head[4:6] != b"ET":
         raise VerifyError(f"{pte}: not an ExecuTorch program (no 'ET' file identifier)")
-    from .runner import native_output_captured
-
     with native_output_captured():  # the runtime and the custom ops log natively on fds 1 and 2
         return _verify(pte, tokenizer_path, outputs, steps, compare_fp32)
 
@@ -643,8 +640,7 @@ def _verify(pte: Path, tokenizer_path, outputs: Path, steps: int, compare_fp32: 
     tol = replace(TOLERANCES[scheme], vision_rel=VISION_TOLERANCES[vision])
     program = Program(pte)  # starts loading in the child while the eager models load here
     try:
-        from . import model_io
-        from .runner import load_kernels
+        from . import model_io  # torch and transformers: not at this module's top level
 
         load_kernels()  # the eager models call the custom LLM and quantized ops too
         try:

@@ -75,8 +75,9 @@ def tiny_llava_config() -> LlavaConfig:
     )
 
 
-def _init_(name: str, p: torch.Tensor, g: torch.Generator) -> None:
-    """Fill one parameter in place (see the module docstring for why these scales)."""
+def init_(name: str, p: torch.Tensor, g: torch.Generator) -> None:
+    """Fill one parameter, by its HF state-dict name, in place from `g` (see the module
+    docstring for why these scales); llava_pipeline.synthetic uses the same rules."""
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float32)
@@ -92,14 +93,16 @@ def _init_(name: str, p: torch.Tensor, g: torch.Generator) -> None:
     elif name.endswith("position_embedding.weight"):
         p.copy_(0.5 * randn(p.shape))
     elif name.endswith("lm_head.weight"):
-        p.copy_(randn(p.shape))  # shaped by _shape_lm_head once the embeddings exist
+        p.copy_(randn(p.shape))  # shaped by shape_lm_head once the embeddings exist
     elif p.dim() >= 2:  # linear / conv weights: unit gain over fan-in
         p.copy_(randn(p.shape) / p[0].numel() ** 0.5)
     else:
         raise ValueError(f"no init rule for {name}")
 
 
-def _shape_lm_head(lm_head: torch.Tensor, embed: torch.Tensor) -> None:
+def shape_lm_head(lm_head: torch.Tensor, embed: torch.Tensor) -> None:
+    """Turn `init_`'s random lm_head into the final one in place, given the token embedding:
+    rows of equal norm, the self-penalty, the suppressed rows shrunk (module docstring)."""
     w = lm_head / lm_head.norm(dim=1, keepdim=True) * LOGIT_SCALE
     w -= SELF_PENALTY * embed / embed.norm(dim=1, keepdim=True)
     w[list(SUPPRESSED_TOKEN_IDS)] *= 1e-3
@@ -116,6 +119,6 @@ def make_tiny_llava(seed: int = 0, config: LlavaConfig | None = None) -> LlavaFo
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            _init_(name, p, g)
-        _shape_lm_head(model.lm_head.weight, model.get_input_embeddings().weight)
+            init_(name, p, g)
+        shape_lm_head(model.lm_head.weight, model.get_input_embeddings().weight)
     return model.eval()

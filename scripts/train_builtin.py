@@ -38,7 +38,7 @@ from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_pipeline import shapes
-from llava_pipeline.download import TINY_TOKENIZER_MODEL, write_processor_files
+from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL, write_processor_files
 
 IMAGE_ID, EOS_ID, PAD_ID = 32000, 2, 32001
 N_PATCH = 576

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from llava_pipeline import download, stage
 from llava_pipeline.config import source_kind
+from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL
 
 
 def body(ctx: stage.StageContext) -> None:
     m = ctx.cfg.model
     kind = source_kind(m.source)
     if kind == "builtin":
-        ctx.read("tokenizer_model", download.TINY_TOKENIZER_MODEL)
+        ctx.read("tokenizer_model", TINY_TOKENIZER_MODEL)
         if m.source == "builtin:tiny":
             ctx.read("builtin_checkpoint", download.BUILTIN_TINY)
         download.write_builtin(ctx.out, m.source, m.seed, m.text_layers, m.vision_layers)

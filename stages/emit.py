@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from llava_pipeline import checkpoint_files, image, stage, test_pte, tokenizer
+from llava_pipeline import checkpoint_files, errors, image, stage, test_pte, tokenizer
 
 ARTIFACTS = ("llava.pte", "tokenizer.bin", "image.pt")
 
@@ -47,7 +47,7 @@ def publish(ctx: stage.StageContext, folder: Path) -> None:
     if not report.ok:
         shutil.rmtree(folder)
         rows = ", ".join(f"{r.method} {r.metric}" for r in report.failed)
-        raise stage.PipelineError(f"llava.pte failed verification ({rows}); see python -m llava_pipeline.test_pte")
+        raise errors.PipelineError(f"llava.pte failed verification ({rows}); see python -m llava_pipeline.test_pte")
     # Each artifact is complete in outputs/emit/ before it is renamed into place.
     for name in ARTIFACTS:
         os.replace(folder / name, ctx.outputs / name)

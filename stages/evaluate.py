@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llava_pipeline import evaluate, evalset, stage
+from llava_pipeline import evalset, evaluate, files, stage
 from llava_pipeline.bench.ptesize import method_bytes
 
 QUALITY = Path("metrics") / "quality.json"
@@ -28,7 +28,7 @@ def body(ctx: stage.StageContext) -> None:
     pte = ctx.read("program", ctx.outputs / "llava.pte")
     tokenizer = ctx.read("tokenizer", ctx.outputs / "tokenizer.bin")
     ref_dir = ctx.read("reference", stage.upstream("reference", ctx.outputs))
-    records = stage.read_json(ref_dir / "reference.json")["records"]
+    records = files.read_json(ref_dir / "reference.json")["records"]
     evaluate.require_same_set(records, evalset.load(e.set, e.scenes, e.seed)[0])
     pixels = torch.load(ref_dir / "pixels.pt", weights_only=True)
 
@@ -38,8 +38,8 @@ def body(ctx: stage.StageContext) -> None:
                                     progress=lambda xs: ctx.progress(xs, "teacher-forced logits"))
     quality = evaluate.quality_metrics(records, answers, logps, method_bytes(pte))
     speed = evaluate.speed_metrics(answers)
-    stage.write_json(ctx.out / "quality.json", quality)
-    stage.write_json(ctx.out / "answers.json", [
+    files.write_json(ctx.out / "quality.json", quality)
+    files.write_json(ctx.out / "answers.json", [
         {"image": r["image"], "question": r["question"], "answer": r["answer"], "reference": r["text"],
          "pte": a.text} for r, a in zip(records, answers)])
     ctx.metrics.update(speed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from llava_pipeline import export, model_io, stage
+from llava_pipeline import export, files, model_io, stage
 
 
 def body(ctx: stage.StageContext) -> None:
@@ -19,7 +19,7 @@ def body(ctx: stage.StageContext) -> None:
     summary = export.delegation_summary(edge)
     export.check_delegation(summary, dynamic_quant=dynamic_quant)
     export.save_edge(edge, ctx.out)
-    stage.write_json(ctx.out / "constant_methods.json", constants)
+    files.write_json(ctx.out / "constant_methods.json", constants)
     ctx.extra["quant"] = dataclasses.asdict(quant)
     ctx.extra["delegation"] = summary
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llava_pipeline import checkpoint_files, evalset, image, reference, stage
-
+from llava_pipeline import checkpoint_files, evalset, files, image, reference, stage
 
 # The config this stage reads, recorded in its manifest: dvc.yaml's params for it. Not the
 # floors (evaluate.min_*), which only the evaluate stage applies.
@@ -36,7 +35,7 @@ def body(ctx: stage.StageContext) -> None:
     records = reference.compute(ckpt, items, pixels, e.reference_dtype, e.max_new_tokens, e.top_k,
                                 progress=lambda xs: ctx.progress(xs, "reference answers"))
     torch.save(pixels, ctx.out / "pixels.pt")
-    stage.write_json(ctx.out / "reference.json", {"dtype": e.reference_dtype, "records": records})
+    files.write_json(ctx.out / "reference.json", {"dtype": e.reference_dtype, "records": records})
     ctx.extra["questions"] = len(records)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from llava_pipeline import export, stage
+from llava_pipeline import export, files, stage
 
 
 def body(ctx: stage.StageContext) -> None:
     pdir = ctx.read("edge_programs", stage.upstream("partition", ctx.outputs))
-    constants = stage.read_json(pdir / "constant_methods.json")
+    constants = files.read_json(pdir / "constant_methods.json")
     edge = export.load_edge(pdir, constants)
     export.write_executorch(edge, ctx.out / "model.pte")
     ctx.extra["constant_methods"] = constants

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llava_pipeline import evaluate
-from llava_pipeline.stage import PipelineError
+from llava_pipeline.errors import PipelineError
 
 V = 8
 

@@ -10,7 +10,6 @@ from llava_pipeline.convert import from_hf_model
 from llava_pipeline.source_transforms import QuantizedKVCache, apply_source_transforms, check_custom_ops
 from llava_pipeline.tiny import make_tiny_llava
 
-
 FP32 = ["custom_kv_cache", "custom_sdpa"]
 INT8 = [*FP32, "quantized_kv_cache"]
 
@@ -56,7 +55,6 @@ def test_checks_see_the_quantized_pieces(models):
 def test_int8_cache_pipeline_passes_the_verifier(export_options, export_8da4w):
     """The whole pipeline with export.kv_cache=int8 (and quant.vision=8da8w): emit's verifier
     (runner vs eager) passes, and the program's mutable cache state is a quarter of the fp32 one."""
-    from llava_pipeline.bench.ptesize import method_bytes  # noqa: F401  (imports executorch's serializer)
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     out = export_options

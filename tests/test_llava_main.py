@@ -167,8 +167,8 @@ def test_8da4w_export_agreement(export_8da4w, pictures, record_property):
 def test_oversized_image_fails_inside_the_runner(export_fp32, shape):
     """What an app meets that skips the resize: the binding's generate() fails (the encoder's
     bounds hold), with nothing more specific than "Generation failed"."""
-    from executorch.extension.llm.runner import Image as RunnerImageInput
     from executorch.extension.llm.runner import GenerationConfig, MultimodalInput, MultimodalRunner, make_text_input
+    from executorch.extension.llm.runner import Image as RunnerImageInput
 
     load_runtime_kernels()
     runner = MultimodalRunner(str(export_fp32 / "llava.pte"), str(export_fp32 / "tokenizer.bin"))

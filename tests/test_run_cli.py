@@ -541,8 +541,8 @@ def test_binding_raises_on_a_lone_byte_piece(export_random, photos, hf_reference
     raises UnicodeDecodeError out of generate(), carrying the bytes, and the runner stays usable."""
     from executorch.extension.llm.runner import GenerationConfig
 
+    from llava_pipeline.image import load_pixels
     from llava_pipeline.runner import image_input, native_output_captured
-    from llava_pipeline.run import load_pixels
 
     hf_new, prompt_ids = hf_reference
     tokenizer = _byte_fallback_tokenizer(export_random, tmp_path, hf_new, prompt_ids)

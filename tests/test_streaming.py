@@ -8,7 +8,7 @@ import torch
 
 from llava_pipeline import model_io, quantize, synthetic
 from llava_pipeline.config import QuantConfig
-from llava_pipeline.stage import PipelineError
+from llava_pipeline.errors import PipelineError
 from llava_pipeline.tiny import tiny_llava_config
 
 MAX_SEQ_LEN = 640

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from . import export_cost, report
+from . import runtime as rt
+from .measure import isolated
 
 FULL_TEXT_LAYERS, FULL_VISION_LAYERS = 32, 24
 
@@ -143,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     export = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
     runtime = None
     if not args.skip_runtime:
-        from . import runtime as rt
-
         rows, extra = [], {}
         for model in args.runtime_models.split(","):
             log(f"run time {model}")
@@ -170,15 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         if runtime is not None:
             rss = next((r["rss_above_base_mb"] for r in runtime["rows"]
                         if r["model"] == model and r["engine"] == "executorch" and r["variant"] == "8da4w"), None)
-        from ..model_io import load_args
+        from ..model_io import load_args  # torch and transformers: only for the extrapolation
 
         text = load_args(work / f"{model}-8da4w" / "outputs" / "source_transform").text
         export["extrapolation"][model] = extrapolate(
             runs[base], runs[deep], _depth(params[base]), _depth(params[deep]),
             params[base]["export"]["max_seq_len"], text.num_kv_heads * text.head_dim, rss)
     if not args.skip_runtime:  # where the 8da4w decoder's time goes (ETDump), in its own process
-        from .measure import isolated
-
         for model in args.runtime_models.split(","):
             pte = work / f"{model}-8da4w" / "outputs" / "llava.pte"
             log(f"profile {model}/8da4w")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from . import export_cost, report
+from . import runtime as rt
 
 CHECKPOINT = "llava-1.5-7b-random"
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (ckpt / "model.safetensors.index.json").is_file():
         import torch
 
-        from ..synthetic import llava_7b_config, write_checkpoint
+        from ..synthetic import llava_7b_config, write_checkpoint  # torch, transformers: only to write it
 
         log(f"writing the random bf16 checkpoint to {ckpt}")
         partial = ckpt.with_name(ckpt.name + ".partial")
@@ -76,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("source_transform", "quantize", "partition"):
                 shutil.rmtree(work / "outputs" / name, ignore_errors=True)
         log("export done; run time next")
-    from . import runtime as rt
-
     log("run time")
     outputs = work / "outputs"
     result["runtime"] = rt.measure_all(

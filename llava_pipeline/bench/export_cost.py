@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..params import compose, dump  # noqa: F401  (compose: used by the CLI)
+from ..params import compose, dump
 from ..stage import EXPORT_STAGES
+from .ptesize import method_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = EXPORT_STAGES
@@ -88,8 +89,6 @@ def run_stages(work: Path, stages, log=print, after_stage=None) -> None:
 
 
 def collect(outputs: Path, reused: bool = False) -> dict:
-    from .ptesize import method_bytes
-
     stages = {}
     for name in STAGES:
         path = outputs / "metrics" / f"{name}.json"

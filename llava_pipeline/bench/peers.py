@@ -45,6 +45,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from .measure import isolated
+
 PACKAGE = "llama-cpp-python"
 DEFAULT_WORK = Path("outputs/bench/peers-work")
 # (variant, llama_ftype) in the order they are reported; the reference comes first.
@@ -89,7 +91,7 @@ def resolved_text_config(ckpt: Path) -> dict:
 
     try:
         cfg = LlavaConfig.from_pretrained(str(ckpt))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+    except Exception as e:  # transformers raises many kinds
         raise PeersError(f"{ckpt / 'config.json'}: transformers cannot read it ({e})") from None
     text = cfg.text_config.to_dict()
     top_dtype = cfg.to_dict().get("dtype") or cfg.to_dict().get("torch_dtype")
@@ -490,8 +492,6 @@ def build_ggufs(ckpt: Path, work: Path, outtype: str, threads: int, sdist: Path 
     info = gguf_vocab_check(ggufs[ref], converter.parent, cfg_text["vocab_size"])
     log(f"  vocab {info['n_tokens']} tokens ({info['pad_tokens']} [PAD] tokens, last {info['last']!r})")
     shutil.rmtree(text_dir)  # as big as the text weights; the GGUF holds them now
-    from .measure import isolated
-
     for variant, ftype in QUANTS:
         log(f"quantizing to {variant}")
         tmp = ggufs[variant].with_name(ggufs[variant].name + ".partial")
@@ -524,8 +524,6 @@ def _busy_cores(seconds: float = 1.0) -> float | None:
 def time_all(ggufs: dict[str, Path], args) -> tuple[list[dict], int, dict]:
     """One fresh process per GGUF: the JSON rows, the context size llama.cpp used, and
     per variant the resident memory split (anonymous / file-backed) with the model loaded."""
-    from .measure import isolated
-
     rows, n_ctx, resident = [], None, {}
     busy = _busy_cores()
     if busy is not None and busy > 0.25:

@@ -15,11 +15,11 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from ..runner import load_runtime_kernels
+
 
 def profile(pte: Path, prefill: int = 600, steps: int = 16, threads: int = 2) -> dict:
     import torch
-
-    from ..runner import load_runtime_kernels
 
     load_runtime_kernels()
     from executorch.extension.pybindings import portable_lib as pl

@@ -13,7 +13,7 @@ cases use the same checkpoint weights, image and LLaVA-1.5 prompt
 
 ExecuTorch, two processes per .pte:
 
-- runner: ``run.Chat.first_turn`` on the project's ``Runner`` (C++ MultimodalRunner), as
+- runner: ``chat.Chat.first_turn`` on the project's ``Runner`` (C++ MultimodalRunner), as
   ``python -m llava_pipeline.run`` measures it: ``image_encode_s`` is the separate
   ``prefill([image])`` call (vision_encoder + text_decoder over the 576 image positions),
   ``text_prompt_s`` the text prefill (the tokens before and after the image, up to the first
@@ -378,7 +378,11 @@ def _xnnpack_registered() -> bool:
 def executorch_runner_case(pte: str, tokenizer: str, image: str, question: str, decode_tokens: int,
                            threads: int, repeats: int) -> dict:
     """The MultimodalRunner, timed as ``python -m llava_pipeline.run`` times it."""
-    from ..run import Chat, load_pixels
+    # Imported in the case, not at the top: measure.isolated imports this module before it
+    # takes the memory baseline, so top-level imports would land in every case's baseline
+    # (the preimports say what each case's baseline holds).
+    from ..chat import Chat
+    from ..image import load_pixels
     from ..runner import Runner, load_runtime_kernels, native_output_captured
     from ..tokenizer import runner_prompt_token_segments
 
@@ -424,7 +428,7 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
     """vision_encoder and text_decoder alone through executorch.runtime (same .pte)."""
     import torch
 
-    from ..run import load_pixels
+    from ..image import load_pixels  # in the case: see executorch_runner_case
     from ..runner import load_runtime_kernels, native_output_captured, read_program_meta
 
     with native_output_captured():
@@ -698,7 +702,7 @@ def _log(message: str) -> None:
 
 
 _ET_PREIMPORT = ("torch", "executorch.extension.llm.runner", "executorch.extension.pybindings.portable_lib",
-                 "llava_pipeline.runner", "llava_pipeline.run")
+                 "llava_pipeline.runner", "llava_pipeline.chat")
 _HF_PREIMPORT = ("torch", "transformers", "transformers.models.llava.modeling_llava", "PIL.Image",
                  "llava_pipeline.image")
 

@@ -1,0 +1,153 @@
+"""The llava_pipeline package is layered: its import graph (top-level and function-local
+imports alike, bench/ included) has no cycles, so every module can be read and tested on top
+of the ones below it, and no library module imports a command-line entry point. A
+function-local import counts as an edge like any other: deferring an import hides a cycle
+from Python, not from the reader."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+from .test_dag_deps import _module_file
+
+PACKAGE = ROOT / "llava_pipeline"
+
+
+def _dotted(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def _edges(path: Path, source: str | None = None) -> dict[Path, list[str]]:
+    """The package's modules that `path` (or `source` read as if it were there) imports ->
+    where: `line 12`, `line 40, in a function`."""
+    package = _dotted(path)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    else:
+        package = package.removesuffix(".__init__")
+    out: dict[Path, list[str]] = {}
+
+    def visit(node: ast.AST, local: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = local or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - child.level + 1] + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in child.names]
+            else:
+                visit(child, inner)
+                continue
+            for name in names:
+                target = _module_file(name) if name.split(".")[0] == PACKAGE.name else None
+                if target is not None and target != path:
+                    where = f"line {child.lineno}" + (", in a function" if local else "")
+                    out.setdefault(target, [])
+                    if where not in out[target]:
+                        out[target].append(where)
+
+    visit(ast.parse(path.read_text() if source is None else source), False)
+    return out
+
+
+def import_graph() -> dict[Path, dict[Path, list[str]]]:
+    return {p: _edges(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def cycles(graph: dict[Path, dict[Path, list[str]]]) -> list[list[Path]]:
+    """One shortest cycle per strongly connected component of more than one module."""
+    index: dict[Path, int] = {}
+    low: dict[Path, int] = {}
+    stack: list[Path] = []
+    on_stack: set[Path] = set()
+    components: list[list[Path]] = []
+
+    def strongconnect(v: Path) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strongconnect(v)
+
+    found = []
+    for component in sorted(components):
+        members = set(component)
+        start = component[0]
+        # Breadth-first from `start` inside the component, back to `start`: a shortest cycle.
+        paths = {start: [start]}
+        queue = [start]
+        cycle = None
+        while queue and cycle is None:
+            v = queue.pop(0)
+            for w in sorted(graph[v]):
+                if w == start:
+                    cycle = paths[v] + [start]
+                    break
+                if w in members and w not in paths:
+                    paths[w] = paths[v] + [w]
+                    queue.append(w)
+        found.append(cycle)
+    return found
+
+
+def describe(cycle: list[Path], graph) -> str:
+    steps = [_dotted(cycle[0]).removeprefix("llava_pipeline.")]
+    for a, b in zip(cycle, cycle[1:]):
+        steps.append(f"-> {_dotted(b).removeprefix('llava_pipeline.')} ({'; '.join(graph[a][b])})")
+    return " ".join(steps)
+
+
+def test_the_graph_sees_top_level_and_function_local_imports():
+    source = "import torch\nfrom . import measure\nfrom ..stage import run\n\ndef f():\n    from ..config import load\n"
+    assert _edges(PACKAGE / "bench" / "x.py", source) == {
+        PACKAGE / "bench" / "__init__.py": ["line 2"],
+        PACKAGE / "bench" / "measure.py": ["line 2"],
+        PACKAGE / "stage.py": ["line 3"],
+        PACKAGE / "config.py": ["line 6, in a function"],
+    }
+    assert PACKAGE / "bench" / "runtime.py" in import_graph()
+    assert cycles({Path("a"): {Path("b"): ["line 1"]}, Path("b"): {Path("a"): ["line 2, in a function"]}}) \
+        == [[Path("a"), Path("b"), Path("a")]]
+
+
+def test_the_package_import_graph_has_no_cycles():
+    graph = import_graph()
+    found = cycles(graph)
+    if found:
+        pytest.fail("import cycles in llava_pipeline:\n  " + "\n  ".join(describe(c, graph) for c in found))
+
+
+# Command-line entry points: the top of the graph, imported by no module of the package.
+ENTRY_POINTS = (PACKAGE / "run.py", PACKAGE / "bench" / "__main__.py")
+
+
+def test_no_module_imports_a_command_line_entry_point():
+    graph = import_graph()
+    found = [f"{_dotted(a)} imports {_dotted(b)} ({'; '.join(where)})"
+             for a, edges in graph.items() for b, where in edges.items() if b in ENTRY_POINTS]
+    assert not found, found
