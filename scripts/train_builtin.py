@@ -461,8 +461,8 @@ kind of shape whose edge crosses a patch. Phase 1, {vision_steps} steps ({vision
 tower with attention (its output projections starting at zero) and the projector, with linear probes
 on the projected patch features (colour, kind, rank from the left, shape count). Phase 2,
 {joint_steps} steps ({joint_minutes} min): the whole model on the answers (cross-entropy on the
-answer tokens, each answer weighing the same), probes kept at weight {aux_weight}. AdamW, warm-up
-then cosine decay; see the script's arguments for every learning rate.
+answer tokens, each answer weighing the same), probes kept at weight {aux_weight}.{attention} AdamW,
+warm-up then cosine decay; see the scripts' arguments for every learning rate.
 
 ## Accuracy
 Exact answers of transformers' greedy `generate` (fp32, these weights), {n_scenes} fresh scenes
@@ -476,7 +476,13 @@ Weights: `model.safetensors`, sha256 `{sha}`. `training.json` holds these figure
 """
 
 
-PHASES = ("patch", "vision", "joint")
+ATTENTION_TEXT = """ Phase 3, {attention_steps}
+steps ({attention_minutes} min, scripts/train_attention.py): phase 2 plus a loss on where the last
+decoder layer's first head looks at each answer token that names a shape's colour or kind (-log
+of its attention mass on that shape's image patches)."""
+
+
+PHASES = ("patch", "vision", "joint", "attention")
 
 
 def _run_entry(stats: dict) -> dict:
@@ -484,8 +490,8 @@ def _run_entry(stats: dict) -> dict:
     entry = {"command": stats["command"], "seed": stats["args"]["seed"], "train_minutes": stats["train_minutes"],
              "aux_weight": stats["args"]["aux_weight"]}
     for phase in PHASES:
-        entry[f"{phase}_steps"] = stats["args"][f"{phase}_steps"]
-        entry[f"{phase}_minutes"] = stats[f"{phase}_minutes"]
+        entry[f"{phase}_steps"] = stats["args"].get(f"{phase}_steps", 0)
+        entry[f"{phase}_minutes"] = stats.get(f"{phase}_minutes", 0.0)
     return entry
 
 
@@ -511,7 +517,7 @@ def write_card(folder: Path, model, stats: dict) -> None:
         for q in shapes.QUESTION_TYPES for a, b in [(stats["accuracy"][q], stats["accuracy_672px"][q])])
     args = stats["args"]
     runs = stats.get("runs", [_run_entry(stats)])
-    total = {f"{ph}_{what}": round(sum(r[f"{ph}_{what}"] for r in runs), 1)
+    total = {f"{ph}_{what}": round(sum(r.get(f"{ph}_{what}", 0) for r in runs), 1)
              for ph in PHASES for what in ("steps", "minutes")}
     total = {k: int(v) if k.endswith("steps") else v for k, v in total.items()}
     (folder / "README.md").write_text(CARD.format(
@@ -521,7 +527,42 @@ def write_card(folder: Path, model, stats: dict) -> None:
         training=_training_text(stats, platform.processor() or platform.machine()), **total,
         aux_weight=", then ".join(str(r["aux_weight"]) for r in runs if r["joint_steps"]),
         n_scenes=args["eval_scenes"], eval_seed=10_000 + args["seed"], n_big=args["eval_scenes"] // 3,
+        attention=ATTENTION_TEXT.format(**total) if total["attention_steps"] else "",
         rows=rows, sha=stats["weights_sha256"]))
+
+
+def finish(model, stats: dict, args, t_start: float) -> None:
+    """Check, save, score and describe a trained model: `args.out` gets the HF folder,
+    training.json (stats, args, the chain of runs) and the model card. `stats` holds the
+    run's command and minutes per phase."""
+    # Same values as LLaVA's own feature path (all layers, hidden_states[-2]).
+    check = to_pixels(shapes.render(shapes.sample_scene(random.Random(7)))).unsqueeze(0)
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=check).pooler_output
+        ref = ref if isinstance(ref, torch.Tensor) else torch.cat(list(ref))
+        assert torch.allclose(image_features(model, check).reshape(ref.shape), ref, atol=1e-5)
+
+    partial = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    write_processor_files(partial, model.config)
+    stats["train_minutes"] = round((time.time() - t_start) / 60, 1)
+    t0 = time.time()
+    stats["accuracy"] = score_with_hf(partial, args.eval_scenes, seed=10_000 + args.seed)
+    stats["accuracy_672px"] = score_with_hf(partial, args.eval_scenes // 3, seed=20_000 + args.seed, scale=2)
+    stats["score_minutes"] = round((time.time() - t0) / 60, 1)
+    stats["weights_sha256"] = hashlib.sha256((partial / "model.safetensors").read_bytes()).hexdigest()
+    stats["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.init is not None and (args.init / "training.json").exists():
+        # A continuation: the card lists the runs in order (each one's command, time and seed).
+        earlier = json.loads((args.init / "training.json").read_text())
+        stats["runs"] = earlier.get("runs", [_run_entry(earlier)]) + [_run_entry(stats)]
+    (partial / "training.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_card(partial, model, stats)
+    log(json.dumps(stats, indent=2, sort_keys=True))
+    shutil.rmtree(args.out, ignore_errors=True)
+    partial.rename(args.out)
 
 
 def _keep(text: str) -> dict[str, float]:
@@ -564,35 +605,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     model, stats = train(args)
 
-    # Same values as LLaVA's own feature path (all layers, hidden_states[-2]).
-    check = to_pixels(shapes.render(shapes.sample_scene(random.Random(7)))).unsqueeze(0)
-    with torch.no_grad():
-        ref = model.model.get_image_features(pixel_values=check).pooler_output
-        ref = ref if isinstance(ref, torch.Tensor) else torch.cat(list(ref))
-        assert torch.allclose(image_features(model, check).reshape(ref.shape), ref, atol=1e-5)
-
-    partial = args.out.with_name(args.out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial)
-    write_processor_files(partial, model.config)
-    stats["train_minutes"] = round((time.time() - t_start) / 60, 1)
-    t0 = time.time()
-    stats["accuracy"] = score_with_hf(partial, args.eval_scenes, seed=10_000 + args.seed)
-    stats["accuracy_672px"] = score_with_hf(partial, args.eval_scenes // 3, seed=20_000 + args.seed, scale=2)
-    stats["score_minutes"] = round((time.time() - t0) / 60, 1)
-    stats["weights_sha256"] = hashlib.sha256((partial / "model.safetensors").read_bytes()).hexdigest()
     stats["command"] = "python -m scripts.train_builtin " + " ".join(argv if argv is not None else sys.argv[1:])
-    stats["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    if args.init is not None and (args.init / "training.json").exists():
-        # A continuation: the card lists the runs in order (each one's command, time and seed).
-        earlier = json.loads((args.init / "training.json").read_text())
-        stats["runs"] = earlier.get("runs", [_run_entry(earlier)]) + [_run_entry(stats)]
-    (partial / "training.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    write_card(partial, model, stats)
-    log(json.dumps(stats, indent=2, sort_keys=True))
-    shutil.rmtree(args.out, ignore_errors=True)
-    partial.rename(args.out)
+    finish(model, stats, args, t_start)
     return 0
 
 
