@@ -1,6 +1,6 @@
 """Continue training the built-in model with attention supervision (phase 3 of its card).
 
-    python -m scripts.train_attention --init FOLDER --out FOLDER [--steps 500 ...]
+    python -m scripts.train_attention --init FOLDER --out FOLDER [--attention-steps 500 ...]
 
 Phase 2 of scripts/train_builtin.py (answer tokens + probe losses) plus one more loss: at every
 answer token that names a shape's colour or kind, the attention of the last decoder layer's first
@@ -69,64 +69,30 @@ def slots_for(item: shapes.Item, ids: list[int], n_prompt: int) -> list[int]:
     return out
 
 
-def make_batch(rng: random.Random, prompts: tb.Prompts, n_images: int, keep: dict[str, float] | None):
-    """train_builtin.make_batch (1-3 shapes) plus the per-position slots of each sequence."""
-    pixels, labels, seqs, slots = [], [], [], []
-    for i in range(n_images):
-        scene = shapes.sample_scene(rng, rng.randint(1, 3))
-        pixels.append(tb.to_pixels(tb.scene_image(scene, rng)))
-        labels.append(tb.patch_labels(scene))
-        for item in tb.scene_items(scene, rng, keep):
-            r = rng.random()
-            variant = 0 if r < 0.7 else (1 if r < 0.85 else 2)
-            ids, n_prompt = prompts.sequence(item.question, item.answer, variant)
-            seqs.append((i, ids, n_prompt, item.qtype))
-            slots.append(slots_for(item, ids, n_prompt))
-    lab = {k: torch.stack([d[k] for d in labels]) for k in tb.HEADS}
-    return torch.stack(pixels), lab, seqs, slots
-
-
 def forward(model, feats: torch.Tensor, seqs, slots, rank: torch.Tensor):
-    """Answer logits and targets (as train_builtin.answer_logits) and the attention loss."""
-    width = max(len(ids) for _, ids, _, _ in seqs)
-    ids = torch.full((len(seqs), width), tb.PAD_ID, dtype=torch.long)
-    for b, (_, s, _, _) in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-    emb = model.get_input_embeddings()(ids)
-    owner_img = torch.tensor([i for i, _, _, _ in seqs])
-    img = feats[owner_img]
-    emb = emb.masked_scatter((ids == tb.IMAGE_ID).unsqueeze(-1), img.reshape(-1, img.shape[-1]).to(emb.dtype))
+    """train_builtin.answer_logits plus the attention loss and, at the supervised positions,
+    what head 0 writes (its input to o_proj): (out [N, head_dim], image index [N], rank [N]),
+    or None where no position is supervised."""
     captured = {}
-    hook = model.model.language_model.layers[-1].self_attn.o_proj.register_forward_pre_hook(
-        lambda mod, inp: captured.__setitem__("x", inp[0]))
-    out = model.model.language_model(inputs_embeds=emb, output_attentions=True)
+    attn = model.model.language_model.layers[-1].self_attn
+    hook = attn.o_proj.register_forward_pre_hook(lambda mod, inp: captured.__setitem__("x", inp[0]))
+    out = model.model.language_model(inputs_embeds=tb.answer_inputs(model, feats, seqs), output_attentions=True)
     hook.remove()
-    hidden, att = out.last_hidden_state, out.attentions[-1][:, 0]  # last layer, head 0: [B, T, T]
-    rows, cols, targets, owner, srows, scols, sranks = [], [], [], [], [], [], []
-    for b, (_, s, n_prompt, _) in enumerate(seqs):
-        for j, t in enumerate(range(n_prompt - 1, len(s) - 1)):
-            rows.append(b)
-            cols.append(t)
-            targets.append(s[t + 1])
-            owner.append(b)
-            if slots[b][j] >= 0:
-                srows.append(b)
-                scols.append(t)
-                sranks.append(slots[b][j])
-    logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])
-    att_loss = torch.zeros(())
-    if srows:
-        sr = torch.tensor(srows)
-        start = torch.tensor([seqs[b][1].index(tb.IMAGE_ID) for b in srows])
-        a_img = att[sr, torch.tensor(scols)].gather(1, start[:, None] + torch.arange(tb.N_PATCH))
-        mask = rank[owner_img[sr]] == torch.tensor(sranks)[:, None]
-        att_loss = -((a_img * mask).sum(-1) + 1e-4).log().mean()
-    head_dim = model.config.text_config.head_dim if getattr(model.config.text_config, "head_dim", None) else (
-        model.config.text_config.hidden_size // model.config.text_config.num_attention_heads)
-    head_out = captured["x"][:, :, :head_dim]  # what head 0 writes, before o_proj: [B, T, head_dim]
-    picked = (head_out[torch.tensor(srows), torch.tensor(scols)], owner_img[torch.tensor(srows)],
-              torch.tensor(sranks)) if srows else None
-    return logits, torch.tensor(targets), owner, att_loss, picked
+    rows, cols, targets = tb.answer_positions(seqs)
+    logits = model.lm_head(out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)])
+    # The positions whose predicted token names a shape, with that shape's rank.
+    flat_slots = [r for per_seq in slots for r in per_seq]
+    picked = [(b, t, r) for b, t, r in zip(rows, cols, flat_slots) if r >= 0]
+    if not picked:
+        return logits, torch.tensor(targets), rows, torch.zeros(()), None
+    sr, sc, sranks = (torch.tensor(v) for v in zip(*picked))
+    owner_img = torch.tensor([i for i, _, _, _ in seqs])[sr]
+    start = torch.tensor([seqs[b][1].index(tb.IMAGE_ID) for b in sr.tolist()])
+    att = out.attentions[-1][:, 0]  # last layer, head 0: [B, T, T]
+    a_img = att[sr, sc].gather(1, start[:, None] + torch.arange(tb.N_PATCH))
+    att_loss = -((a_img * (rank[owner_img] == sranks[:, None])).sum(-1) + 1e-4).log().mean()
+    head_out = captured["x"][sr, sc, : attn.head_dim]
+    return logits, torch.tensor(targets), rows, att_loss, (head_out, owner_img, sranks)
 
 
 def shape_targets(labels: dict, img_of: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,10 +135,9 @@ def main(argv=None) -> int:
     vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     lm = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
     # Made only when asked for, so that a run without them draws the same random numbers as before.
-    value_heads = torch.nn.ModuleDict() if not args.value_weight else torch.nn.ModuleDict({"color": torch.nn.Linear(model.config.text_config.hidden_size
-                                                                 // model.config.text_config.num_attention_heads, 5),
-                                       "kind": torch.nn.Linear(model.config.text_config.hidden_size
-                                                                // model.config.text_config.num_attention_heads, 3)})
+    head_dim = model.model.language_model.layers[-1].self_attn.head_dim
+    value_heads = torch.nn.ModuleDict(
+        {"color": torch.nn.Linear(head_dim, 5), "kind": torch.nn.Linear(head_dim, 3)} if args.value_weight else {})
     groups = [(vision, args.lr_vision), (list(heads.parameters()) + list(value_heads.parameters()), 1e-3),
               (lm, args.lr_lm)]
     opt = torch.optim.AdamW([{"params": p} for p, _ in groups], weight_decay=0.0)
@@ -180,7 +145,7 @@ def main(argv=None) -> int:
     for step in range(args.attention_steps):
         for g, (_, peak) in zip(opt.param_groups, groups):
             g["lr"] = tb.lr_at(step, args.attention_steps, peak)
-        pixels, labels, seqs, slots = make_batch(rng, prompts, args.batch, args.keep)
+        pixels, labels, seqs, slots = tb.make_batch(rng, prompts, args.batch, keep=args.keep, annotate=slots_for)
         feats = tb.image_features(model, pixels)
         logits, targets, owner, att_loss, picked = forward(model, feats, seqs, slots, labels["rank"])
         value_loss = torch.zeros(())
@@ -190,10 +155,7 @@ def main(argv=None) -> int:
             colour_t, kind_t = shape_targets(labels, img_of, ranks)
             value_loss = (F.cross_entropy(value_heads["color"](out_h), colour_t)
                           + F.cross_entropy(value_heads["kind"](out_h), kind_t))
-        per_token = F.cross_entropy(logits, targets, reduction="none")
-        o = torch.tensor(owner)
-        sums = torch.zeros(len(seqs)).index_add(0, o, per_token)
-        lm_loss = (sums / torch.zeros(len(seqs)).index_add(0, o, torch.ones_like(per_token))).mean()
+        lm_loss = tb.per_answer_loss(logits, targets, owner, len(seqs))
         # The fresh probe heads first fit the features as they are, then keep them in place.
         aux, _ = tb.probe_loss(heads, feats if step >= 60 else feats.detach(), labels)
         loss = lm_loss + args.att_weight * att_loss + args.aux_weight * aux + args.value_weight * value_loss
@@ -203,8 +165,7 @@ def main(argv=None) -> int:
         opt.step()
         if step % 20 == 0 or step == args.attention_steps - 1:
             tb.log(f"step {step} lm {float(lm_loss):.4f} att {float(att_loss):.3f} value {float(value_loss):.3f} "
-                   f"aux {float(aux):.3f} "
-                   f"({time.time() - t0:.0f} s)")
+                   f"aux {float(aux):.3f} ({time.time() - t0:.0f} s)")
     model.set_attn_implementation("sdpa")
     stats = {"attention_minutes": round((time.time() - t0) / 60, 1),
              "command": "python -m scripts.train_attention " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -159,8 +159,10 @@ def scene_items(scene: shapes.Scene, rng: random.Random, keep: dict[str, float] 
 
 
 def make_batch(rng: random.Random, prompts: Prompts, n_images: int, max_shapes: int = 3,
-               keep: dict[str, float] | None = None):
-    pixels, labels, seqs = [], [], []
+               keep: dict[str, float] | None = None, annotate=None):
+    """(pixels, per-patch labels, seqs): seqs are (image index, ids, n_prompt, qtype). With
+    `annotate(item, ids, n_prompt)`, a fourth element: its result for each sequence."""
+    pixels, labels, seqs, notes = [], [], [], []
     for i in range(n_images):
         scene = shapes.sample_scene(rng, rng.randint(1, max_shapes))
         pixels.append(to_pixels(scene_image(scene, rng)))
@@ -170,8 +172,11 @@ def make_batch(rng: random.Random, prompts: Prompts, n_images: int, max_shapes: 
             variant = 0 if r < 0.7 else (1 if r < 0.85 else 2)
             ids, n_prompt = prompts.sequence(item.question, item.answer, variant)
             seqs.append((i, ids, n_prompt, item.qtype))
+            if annotate is not None:
+                notes.append(annotate(item, ids, n_prompt))
     lab = {k: torch.stack([d[k] for d in labels]) for k in HEADS}
-    return torch.stack(pixels), lab, seqs
+    batch = (torch.stack(pixels), lab, seqs)
+    return batch if annotate is None else batch + (notes,)
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -224,25 +229,45 @@ def probe_loss(heads: torch.nn.ModuleDict, feats: torch.Tensor, labels: dict):
     return total, parts
 
 
-def answer_logits(model, feats: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Logits at every answer-predicting position of every sequence, and their targets."""
+def answer_inputs(model, feats: torch.Tensor, seqs) -> torch.Tensor:
+    """The language model's input embeddings: each sequence right-padded, its <image> rows
+    replaced by its image's projected features."""
     width = max(len(ids) for _, ids, _, _ in seqs)
     ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
     for b, (_, s, _, _) in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
     emb = model.get_input_embeddings()(ids)
     img = feats[torch.tensor([i for i, _, _, _ in seqs])]
-    emb = emb.masked_scatter((ids == IMAGE_ID).unsqueeze(-1), img.reshape(-1, img.shape[-1]).to(emb.dtype))
-    hidden = model.model.language_model(inputs_embeds=emb).last_hidden_state  # causal: right pad is inert
-    rows, cols, targets, owner = [], [], [], []
+    return emb.masked_scatter((ids == IMAGE_ID).unsqueeze(-1), img.reshape(-1, img.shape[-1]).to(emb.dtype))
+
+
+def answer_positions(seqs) -> tuple[list[int], list[int], list[int]]:
+    """(sequence, position, next token) of every answer-predicting position, in order."""
+    rows, cols, targets = [], [], []
     for b, (_, s, n_prompt, _) in enumerate(seqs):
         for t in range(n_prompt - 1, len(s) - 1):
             rows.append(b)
             cols.append(t)
             targets.append(s[t + 1])
-            owner.append(b)
-    logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])
-    return logits, torch.tensor(targets), owner
+    return rows, cols, targets
+
+
+def answer_logits(model, feats: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Logits at every answer-predicting position of every sequence, their targets, and the
+    sequence each belongs to."""
+    hidden = model.model.language_model(inputs_embeds=answer_inputs(model, feats, seqs)).last_hidden_state
+    rows, cols, targets = answer_positions(seqs)  # causal: right pad is inert
+    return model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]), torch.tensor(targets), rows
+
+
+def per_answer_loss(logits: torch.Tensor, targets: torch.Tensor, owner: list[int], n_seqs: int) -> torch.Tensor:
+    """Cross-entropy averaged over each answer's tokens, then over answers: every answer counts
+    the same, however many tokens it has."""
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    owner_t = torch.tensor(owner)
+    sums = torch.zeros(n_seqs).index_add(0, owner_t, per_token)
+    counts = torch.zeros(n_seqs).index_add(0, owner_t, torch.ones_like(per_token))
+    return (sums / counts).mean()
 
 
 def exact_by_type(logits, targets, owner, seqs) -> dict[str, list[int]]:
@@ -365,12 +390,8 @@ def train(args) -> tuple[LlavaForConditionalGeneration, dict]:
         pixels, labels, seqs = make_batch(rng, prompts, args.joint_batch, max_shapes, args.keep)
         feats = image_features(model, pixels)
         logits, targets, owner = answer_logits(model, feats, seqs)
-        if args.loss_per == "sequence":  # every answer counts the same, however many tokens it has
-            per_token = F.cross_entropy(logits, targets, reduction="none")
-            owner_t = torch.tensor(owner)
-            sums = torch.zeros(len(seqs)).index_add(0, owner_t, per_token)
-            counts = torch.zeros(len(seqs)).index_add(0, owner_t, torch.ones_like(per_token))
-            lm_loss = (sums / counts).mean()
+        if args.loss_per == "sequence":
+            lm_loss = per_answer_loss(logits, targets, owner, len(seqs))
         else:
             lm_loss = F.cross_entropy(logits, targets)
         aux, _ = probe_loss(heads, feats, labels)
