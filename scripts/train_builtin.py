@@ -38,6 +38,7 @@ from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_pipeline import shapes
+from llava_pipeline.files import write_json
 from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL, write_processor_files
 
 IMAGE_ID, EOS_ID, PAD_ID = 32000, 2, 32001
@@ -579,7 +580,7 @@ def finish(model, stats: dict, args, t_start: float) -> None:
         # A continuation: the card lists the runs in order (each one's command, time and seed).
         earlier = json.loads((args.init / "training.json").read_text())
         stats["runs"] = earlier.get("runs", [_run_entry(earlier)]) + [_run_entry(stats)]
-    (partial / "training.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_json(partial / "training.json", stats)
     write_card(partial, model, stats)
     log(json.dumps(stats, indent=2, sort_keys=True))
     shutil.rmtree(args.out, ignore_errors=True)
