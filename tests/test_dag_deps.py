@@ -29,6 +29,8 @@ def _imports(path: Path) -> set[str]:
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
+    else:  # a package's own relative imports are relative to the package
+        package = package.removesuffix(".__init__")
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
