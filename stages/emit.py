@@ -13,7 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from llava_pipeline import checkpoint_files, errors, image, stage, test_pte, tokenizer
+from llava_pipeline import checkpoint_files, errors, image, stage, tokenizer
+from llava_pipeline.verify import verify
 
 ARTIFACTS = ("llava.pte", "tokenizer.bin", "image.pt")
 
@@ -42,12 +43,11 @@ def body(ctx: stage.StageContext) -> None:
 def publish(ctx: stage.StageContext, folder: Path) -> None:
     # A program that fails verification against the eager model it was lowered
     # from never becomes outputs/llava.pte.
-    report = test_pte.verify(folder / "llava.pte", None, ctx.outputs, steps=ctx.cfg.emit.verify_steps,
-                             compare_fp32=False)
+    report = verify(folder / "llava.pte", None, ctx.outputs, steps=ctx.cfg.emit.verify_steps, compare_fp32=False)
     if not report.ok:
         shutil.rmtree(folder)
         rows = ", ".join(f"{r.method} {r.metric}" for r in report.failed)
-        raise errors.PipelineError(f"llava.pte failed verification ({rows}); see python -m llava_pipeline.test_pte")
+        raise errors.PipelineError(f"llava.pte failed verification ({rows}); see python -m llava_pipeline.verify")
     # Each artifact is complete in outputs/emit/ before it is renamed into place.
     for name in ARTIFACTS:
         os.replace(folder / name, ctx.outputs / name)

@@ -155,11 +155,12 @@ def test_8da4w_top1_agreement(export_8da4w, export_fp32, record_property):
 
 def _eager_top1(quant_dir, pixels, before, after, new_ids) -> list[int]:
     """Teacher-forced argmax of the eager quantized model (this project's definition)."""
-    from llava_pipeline import model_io, test_pte
+    from llava_pipeline import model_io
+    from llava_pipeline.verify import numerics
 
     model, _, _ = model_io.load_quantized(quant_dir)
     with torch.no_grad():
-        chunks = test_pte.prefill_chunks(model, before, pixels[None], after)
-        logits = test_pte.decode_eager(model, chunks, new_ids)
+        chunks = numerics.prefill_chunks(model, before, pixels[None], after)
+        logits = numerics.decode_eager(model, chunks, new_ids)
     # The last chunk's logits give the first new token, then one per forced token.
     return [int(x.argmax(-1)) for x in logits[len(chunks) - 1 :]]

@@ -143,7 +143,7 @@ def test_the_package_import_graph_has_no_cycles():
 
 
 # Command-line entry points: the top of the graph, imported by no module of the package.
-ENTRY_POINTS = (PACKAGE / "run.py", PACKAGE / "bench" / "__main__.py")
+ENTRY_POINTS = (PACKAGE / "run.py", PACKAGE / "bench" / "__main__.py", PACKAGE / "verify" / "__main__.py")
 
 
 def test_no_module_imports_a_command_line_entry_point():

@@ -1,4 +1,4 @@
-"""The .pte verifier (`python -m llava_pipeline.test_pte`): good exports pass, bad ones fail
+"""The .pte verifier (`python -m llava_pipeline.verify`): good exports pass, bad ones fail
 naming the row, and what cannot be verified exits 2 with one line."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_pipeline.test_pte import Report, main, verify
+from llava_pipeline.verify import Report, verify
+from llava_pipeline.verify.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMERIC_ROWS = ("vision_encoder", "token_embedding", "text_decoder")
@@ -19,7 +20,7 @@ NUMERIC_ROWS = ("vision_encoder", "token_embedding", "text_decoder")
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "llava_pipeline.test_pte", *args],
+        [sys.executable, "-m", "llava_pipeline.verify", *args],
         cwd=ROOT, capture_output=True, text=True,
     )
 

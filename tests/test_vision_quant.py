@@ -73,7 +73,7 @@ def test_vision_8da8w_pipeline_passes_the_verifier(export_options, export_8da4w,
     method sheds 3 of the 4 bytes of every linear weight (less one fp32 scale per output channel)."""
     from llava_pipeline.bench.ptesize import method_bytes
     from llava_pipeline.files import read_json
-    from llava_pipeline.test_pte import verify
+    from llava_pipeline.verify import verify
 
     out = export_options
     assert (out / "llava.pte").is_file() and (out / "emit" / "manifest.json").is_file()
