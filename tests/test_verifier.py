@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from llava_pipeline.verify import Report, verify
 from llava_pipeline.verify.__main__ import main
+from llava_pipeline.verify.numerics import TOLERANCES, NumericsInputs, check_numerics
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMERIC_ROWS = ("vision_encoder", "token_embedding", "text_decoder")
@@ -82,6 +84,41 @@ def test_missing_manifests_exit_2(tmp_path, capsys):
     assert "emit/manifest.json: missing" in _one_line_error(capsys.readouterr().err)
 
 
+class _FakeProgram:
+    """Answers vision_encoder with `image`; every other method fails (a FAIL row each)."""
+
+    describe: dict = {}
+
+    def __init__(self, image):
+        self.image = image
+
+    def run(self, method, *inputs):
+        if method != "vision_encoder":
+            raise RuntimeError(f"{method}: not in this fake")
+        return [self.image]
+
+
+@pytest.mark.parametrize("vision_scheme, info_rows", [("none", 0), ("8da8w", 1)])
+def test_quantized_vs_fp32_vision_row_only_for_a_quantized_vision_tower(vision_scheme, info_rows):
+    """The "eager quantized vs fp32 (INFO)" row compares the eager quantized vision tower with
+    the fp32 one: with quant.vision=none they are the same model and the row must not appear
+    (it once did, a parameter named `vision` having been rebound by a nested `def vision()`)."""
+    import torch
+
+    image = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0))
+    quant = SimpleNamespace(vision_encoder=lambda pixels: image)
+    fp32 = SimpleNamespace(vision_encoder=lambda pixels: image * 1.01)
+    report = Report(Path("x.pte"))
+    check_numerics(report, NumericsInputs(
+        program=_FakeProgram(image), quant_model=quant, fp32_model=fp32,
+        args=SimpleNamespace(text=SimpleNamespace(vocab_size=8, max_seq_len=16)), tol=TOLERANCES["8da4w"],
+        scheme="8da4w", vision_scheme=vision_scheme, pixels=torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
+        image_name="zeros", before=[1], after=[2], steps=1))
+    vision = [r for r in report.rows if r.method == "vision_encoder"]
+    assert vision[0].metric.startswith("max|diff| vs eager") and vision[0].status == "PASS", vision
+    assert len([r for r in vision if r.metric == "eager quantized vs fp32 (INFO)"]) == info_rows, vision
+
+
 # ---------------------------------------------------------------- real exports
 
 
@@ -110,6 +147,8 @@ def test_good_fp32_export_passes_tightly(export_fp32):
     for metric in ("prefill logits", "decode logits"):
         assert float(_row(report, "text_decoder", metric).value) < 1e-3  # ~2e-5 measured
     assert _row(report, "text_decoder", "top-1 agreement vs eager none").value == "1.000"
+    # The eager vision tower is the fp32 one (quant.vision=none): no "quantized vs fp32" row.
+    assert not [r for r in report.rows if r.method == "vision_encoder" and "vs fp32" in r.metric]
 
 
 @pytest.mark.slow
