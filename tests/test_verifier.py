@@ -69,6 +69,14 @@ def test_cli_missing_pte_exits_2(tmp_path):
     assert "nope.pte: no such file" in _one_line_error(proc.stderr)
 
 
+def test_the_seed_spelling_runs_the_same_cli(tmp_path):
+    """`python -m llava_pipeline.test_pte` (the original brief's spelling) is the same CLI."""
+    proc = subprocess.run([sys.executable, "-m", "llava_pipeline.test_pte", str(tmp_path / "nope.pte")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (2, _cli(str(tmp_path / "nope.pte")).stderr)
+    assert "nope.pte: no such file" in _one_line_error(proc.stderr)
+
+
 def test_cli_random_bytes_exit_2(tmp_path):
     junk = tmp_path / "junk.pte"
     junk.write_bytes(b"\x12\x34\x56\x78" + random.Random(0).randbytes(50_000))
