@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-QUANT_SCHEMES = ("none", "8da4w")
+# The text decoder's linears (see quantize.py): fp32, int4 or int8 weights with int8 dynamic
+# activations. group_size 0 means one scale per output channel.
+QUANT_SCHEMES = ("none", "8da4w", "8da8w")
 KV_CACHES = ("fp32", "int8")
 EMBEDDING_BITS = (8, "none")
 # How int4/int8 scales are chosen: HQQ (scale-only, ExecuTorch's default; ~10 s per 45M-weight
@@ -57,7 +59,9 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    # none | 8da4w | 8da8w (see QUANT_SCHEMES)
     scheme: str = "8da4w"
+    # int4 group size along in_features; 0: one scale per output channel
     group_size: int = 32
     # 8 (int8 per-row token embedding) or "none"
     embedding_bits: Any = 8
@@ -183,8 +187,12 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(
             f"quant.scheme: unknown scheme {q.scheme!r} (allowed: {', '.join(QUANT_SCHEMES)})"
         )
-    if q.group_size <= 0:
-        raise ConfigError(f"quant.group_size: must be a positive integer, got {q.group_size}")
+    if q.group_size < 0:
+        raise ConfigError(f"quant.group_size: must be 0 (per output channel) or a positive group size, "
+                          f"got {q.group_size}")
+    if q.scheme == "8da8w" and q.group_size:
+        raise ConfigError(f"quant.group_size={q.group_size}: quant.scheme=8da8w has int8 weights per output "
+                          "channel only (XNNPACK has no blockwise int8 kernel); set quant.group_size=0")
     if q.embedding_bits not in EMBEDDING_BITS:
         raise ConfigError(
             f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)"

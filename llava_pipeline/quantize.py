@@ -1,8 +1,11 @@
-"""Quantization of the text side: 8da4w decoder linears, 8-bit token embedding.
+"""Quantization of the text side: the decoder linears, 8-bit token embedding.
 
-`8da4w`: int8 dynamic (per-token) activations with int4 weights in groups of
-`group_size` along in_features (torchao's Int8DynamicActivationIntxWeightConfig),
-applied to every linear of the text decoder, lm_head included.
+`quant.scheme` (every linear of the text decoder, lm_head included; torchao's
+Int8DynamicActivationIntxWeightConfig, int8 dynamic per-token activations):
+- `8da4w`: int4 weights in groups of `group_size` along in_features, or one scale per
+  output channel with `group_size=0` (XNNPACK's QD8 x QB4W and QD8 x QC4W GEMMs);
+- `8da8w`: int8 weights, one scale per output channel (QD8 x QC8W; XNNPACK has no
+  blockwise int8 kernel, so `group_size` must be 0).
 Vision (`quant.vision`): fp32 (default), or `8da8w`: int8 per-channel weights with int8
 dynamic activations on every linear of the vision tower and projector (a quarter of the
 bytes; ExecuTorch's LLaVA example quantizes its image encoder to int8 too, statically).
@@ -33,9 +36,23 @@ def decoder_linears(model) -> dict[str, nn.Linear]:
     }
 
 
+def weight_config(quant: QuantConfig):
+    """torchao's config for the decoder linears under `quant.scheme` (not "none")."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    bits = {"8da4w": torch.int4, "8da8w": torch.int8}[quant.scheme]
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=bits,
+        weight_granularity=PerGroup(quant.group_size) if quant.group_size else PerAxis(0),
+        intx_choose_qparams_algorithm=QPARAMS[quant.qparams],
+    )
+
+
 def check_group_size(in_features: dict[str, int], quant: QuantConfig) -> None:
-    """Reject a group size that does not divide some layer's in_features, naming it."""
-    if quant.scheme == "none":
+    """Reject a group size that does not divide some layer's in_features, naming it.
+    Per-channel weights (`group_size=0`) fit every layer."""
+    if quant.scheme == "none" or quant.group_size == 0:
         return
     for name, n in in_features.items():
         if n % quant.group_size:
@@ -52,19 +69,14 @@ def check_group_size(in_features: dict[str, int], quant: QuantConfig) -> None:
 @torch.no_grad()
 def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
     """Quantize one load unit of `model` (see model.load_units) in place, per `quant`:
-    the decoder layers and lm_head get 8da4w, the token embedding int8; the rest stays."""
-    if quant.scheme == "8da4w" and unit.startswith(("text_decoder.layers.", "text_decoder.output")):
-        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-        from torchao.quantization.granularity import PerGroup
+    the decoder layers and lm_head get `quant.scheme`, the token embedding int8; the rest stays."""
+    if quant.scheme != "none" and unit.startswith(("text_decoder.layers.", "text_decoder.output")):
+        from torchao.quantization import quantize_
 
         module = model.get_submodule(unit)
         check_group_size({f"{unit}.{k}" if k else unit: m.in_features
                           for k, m in module.named_modules() if isinstance(m, nn.Linear)}, quant)
-        config = Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4,
-            weight_granularity=PerGroup(quant.group_size),
-            intx_choose_qparams_algorithm=QPARAMS[quant.qparams],
-        )
+        config = weight_config(quant)
         if isinstance(module, nn.Linear):  # quantize_ walks children; give it a parent
             holder = nn.Sequential(module)
             quantize_(holder, config)

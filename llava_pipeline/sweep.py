@@ -21,6 +21,8 @@ VARIANTS = (
     ("default: 8da4w, group 32, hqq", ()),
     ("group 64", ("quant.group_size=64",)),
     ("group 128", ("quant.group_size=128",)),
+    ("int4 per channel", ("quant.group_size=0",)),
+    ("8da8w (int8 per channel)", ("quant.scheme=8da8w", "quant.group_size=0")),
     ("affine qparams", ("quant.qparams=affine",)),
     ("vision 8da8w", ("quant.vision=8da8w",)),
     ("int8 KV cache", ("export.kv_cache=int8",)),

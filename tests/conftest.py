@@ -110,6 +110,21 @@ def export_options(tmp_path_factory, export_8da4w) -> Path:
 
 
 @pytest.fixture(scope="session")
+def export_8da8w(tmp_path_factory, export_8da4w) -> Path:
+    """The default with an int8 decoder (quant.scheme=8da8w, quant.group_size=0: one scale per
+    output channel), from quantize on, with the default's download and source_transform; stops
+    at emit, whose verifier checks every method against the eager 8da8w model."""
+
+    def build(work: Path) -> None:
+        make_workdir(work, quant__scheme="8da8w", quant__group_size=0)
+        for stage in ("download", "source_transform"):
+            shutil.copytree(export_8da4w / stage, work / "outputs" / stage)
+        run_pipeline(work, start="quantize", skip=("reference", "evaluate"))
+
+    return shared_dir(tmp_path_factory, "q8da8w", build) / "outputs"
+
+
+@pytest.fixture(scope="session")
 def export_random(tmp_path_factory) -> Path:
     """The random-weight tiny model (model=tiny-random) exported fp32: its greedy answers run on
     without EOS, for the tests of long generations (context filling, byte pieces, many turns)."""

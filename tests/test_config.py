@@ -23,6 +23,22 @@ def test_every_model_preset_composes_and_validates(preset):
     assert cfg.model.name == preset
 
 
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+@pytest.mark.parametrize("target", sorted(p.stem for p in (CONF / "target").glob("*.yaml")))
+def test_every_target_applies_over_every_model_preset(target, model):
+    """A target preset sets the export's schemes whatever the model; its group size fits the
+    model's layers (LLaVA-1.5's widths: 4096 / 11008 / 1024 / 4096; the tiny: 128 / 384)."""
+    data = params.compose(CONF, [f"model={model}", f"target={target}"])
+    cfg = config.validate(config.from_dict(data))
+    chosen = yaml.safe_load((CONF / "target" / f"{target}.yaml").read_text())
+    assert cfg.model.name == model
+    for section in ("quant", "export"):
+        for key, value in chosen.get(section, {}).items():
+            assert data[section][key] == value, (section, key)
+    widths = (128, 384) if model.startswith("tiny") else (4096, 11008)
+    check_group_size({f"w{n}": n for n in widths}, cfg.quant)
+
+
 def test_presets_set_their_group_size():
     assert params.compose(CONF, ["model=tiny"])["quant"]["group_size"] == 32
     big = params.compose(CONF, ["model=llava-1.5-7b"])
@@ -65,8 +81,9 @@ def test_bad_override_names_the_key(override, needle):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("quant.scheme=int3", "quant.scheme: unknown scheme 'int3' (allowed: none, 8da4w)"),
-        ("quant.group_size=0", "quant.group_size"),
+        ("quant.scheme=int3", "quant.scheme: unknown scheme 'int3' (allowed: none, 8da4w, 8da8w)"),
+        ("quant.group_size=-32", "quant.group_size: must be 0 (per output channel) or a positive group size"),
+        ("quant.scheme=8da8w", "quant.group_size=32: quant.scheme=8da8w has int8 weights per output channel"),
         ("quant.group_size=abc", "quant.group_size: expected an integer"),
         ("quant.embedding_bits=4", "quant.embedding_bits"),
         ("model.source=builtin:huge", "model.source: unknown built-in model"),
@@ -102,6 +119,14 @@ def test_7b_shape_preset_composes():
     cfg = config.validate(config.from_dict(data))
     assert (cfg.model.source, cfg.model.text_layers, cfg.model.vision_layers) == ("builtin:llava-7b-shape", 2, 3)
     assert cfg.quant.group_size == 128
+
+
+@pytest.mark.parametrize("overrides", [["quant.group_size=0"], ["quant.scheme=8da8w", "quant.group_size=0"]])
+def test_per_channel_schemes_validate(overrides):
+    cfg = config.validate(config.from_dict(config.apply_overrides(_base(), overrides)))
+    assert cfg.quant.group_size == 0
+    # Per-channel weights fit every layer, whatever its in_features.
+    check_group_size({"text_decoder.layers.0.attention.wq": 100}, cfg.quant)
 
 
 def test_embedding_bits_accepts_none():

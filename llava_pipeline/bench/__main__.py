@@ -28,6 +28,21 @@ from .measure import isolated
 FULL_TEXT_LAYERS, FULL_VISION_LAYERS = 32, 24
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def isa_flags() -> list[str]:
+    """The CPU features XNNPACK's x86 kernels dispatch on, as /proc/cpuinfo lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine() -> dict:
     import psutil
 
@@ -39,7 +54,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "isa": isa_flags()}
 
 
 def _depth(params: dict) -> tuple[int, int]:

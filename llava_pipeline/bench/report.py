@@ -198,7 +198,8 @@ def write(folder: Path) -> dict:
     if "runtime" in data or "export" in data:
         m = (data.get("export") or data.get("runtime") or {}).get("machine")
         if m:
-            lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM.", ""]
+            isa = ", ".join(m.get("isa") or []) or "not recorded"
+            lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM; ISA: {isa}.", ""]
     if "export" in data:
         lines += export_section(data["export"])
         lines += profile_section(data["export"].get("profile", {}))
