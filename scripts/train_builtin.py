@@ -38,6 +38,7 @@ from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_pipeline import shapes
+from llava_pipeline.bench.__main__ import isa_flags, machine
 from llava_pipeline.files import write_json
 from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL, write_processor_files
 
@@ -501,7 +502,10 @@ Weights: `model.safetensors`, sha256 `{sha}`. `training.json` holds these figure
 ATTENTION_TEXT = """ Phase 3, {attention_steps}
 steps ({attention_minutes} min, scripts/train_attention.py): phase 2 plus a loss on where the last
 decoder layer's first head looks at each answer token that names a shape's colour or kind (-log
-of its attention mass on that shape's image patches)."""
+of its attention mass on that shape's image patches){value}."""
+
+VALUE_TEXT = """, and a linear probe on what that head writes there, which must
+name the shape's colour and kind (weight {value_weight})"""
 
 
 PHASES = ("patch", "vision", "joint", "attention")
@@ -510,26 +514,33 @@ PHASES = ("patch", "vision", "joint", "attention")
 def _run_entry(stats: dict) -> dict:
     """What the card says of one training run: its command, seed, time and steps per phase."""
     entry = {"command": stats["command"], "seed": stats["args"]["seed"], "train_minutes": stats["train_minutes"],
-             "aux_weight": stats["args"]["aux_weight"]}
+             "aux_weight": stats["args"]["aux_weight"], "value_weight": stats["args"].get("value_weight", 0.0),
+             "machine": stats.get("machine")}
     for phase in PHASES:
         entry[f"{phase}_steps"] = stats["args"].get(f"{phase}_steps", 0)
         entry[f"{phase}_minutes"] = stats.get(f"{phase}_minutes", 0.0)
     return entry
 
 
-def _training_text(stats: dict, cpu: str) -> str:
+def _where(run: dict) -> str:
+    m = run.get("machine")
+    if not m:
+        return "machine not recorded"
+    return f"{m['threads']} threads, {m['cpu']}, ISA: {', '.join(m['isa']) or 'not recorded'}"
+
+
+def _training_text(stats: dict) -> str:
     runs = stats.get("runs", [_run_entry(stats)])
-    where = f"2 threads on a 2-core x86-64 CPU, {cpu}"
     if len(runs) == 1:
-        return f"`{runs[0]['command']}` (seed {runs[0]['seed']}, {where}): {runs[0]['train_minutes']} min in all."
-    lines = [f"{len(runs)} runs in this order, each starting from the previous one's output ({where}):", ""]
-    lines += [f"{i}. `{r['command']}` (seed {r['seed']}): {r['train_minutes']} min" for i, r in enumerate(runs, 1)]
+        return (f"`{runs[0]['command']}` (seed {runs[0]['seed']}, {_where(runs[0])}): "
+                f"{runs[0]['train_minutes']} min in all.")
+    lines = [f"{len(runs)} runs in this order, each starting from the previous one's output:", ""]
+    lines += [f"{i}. `{r['command']}` (seed {r['seed']}; {_where(r)}): {r['train_minutes']} min"
+              for i, r in enumerate(runs, 1)]
     return "\n".join(lines) + f"\n\n{sum(r['train_minutes'] for r in runs):.1f} min in all."
 
 
 def write_card(folder: Path, model, stats: dict) -> None:
-    import platform
-
     cfg = model.config
     v, t = cfg.vision_config, cfg.text_config
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -546,10 +557,12 @@ def write_card(folder: Path, model, stats: dict) -> None:
         vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers, text_hidden=t.hidden_size,
         text_layers=t.num_hidden_layers, heads=t.num_attention_heads, kv_heads=t.num_key_value_heads,
         mlp=t.intermediate_size, params=params, embed=embed,
-        training=_training_text(stats, platform.processor() or platform.machine()), **total,
+        training=_training_text(stats), **total,
         aux_weight=", then ".join(str(r["aux_weight"]) for r in runs if r["joint_steps"]),
         n_scenes=args["eval_scenes"], eval_seed=10_000 + args["seed"], n_big=args["eval_scenes"] // 3,
-        attention=ATTENTION_TEXT.format(**total) if total["attention_steps"] else "",
+        attention=ATTENTION_TEXT.format(**total, value=", ".join(
+            VALUE_TEXT.format(value_weight=r["value_weight"]) for r in runs if r.get("value_weight"))
+        ) if total["attention_steps"] else "",
         rows=rows, sha=stats["weights_sha256"]))
 
 
@@ -570,6 +583,7 @@ def finish(model, stats: dict, args, t_start: float) -> None:
     model.save_pretrained(partial)
     write_processor_files(partial, model.config)
     stats["train_minutes"] = round((time.time() - t_start) / 60, 1)
+    stats["machine"] = {"cpu": machine()["cpu"], "isa": isa_flags(), "threads": torch.get_num_threads()}
     t0 = time.time()
     stats["accuracy"] = score_with_hf(partial, args.eval_scenes, seed=10_000 + args.seed)
     stats["accuracy_672px"] = score_with_hf(partial, args.eval_scenes // 3, seed=20_000 + args.seed, scale=2)
