@@ -49,7 +49,8 @@ def lowered(scheme: str, group_size: int, k: int, n: int, max_m: int):
     edge = to_edge_transform_and_lower(ep, partitioner=export.partitioners("text_decoder", scheme != "none"),
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     buf = edge.to_executorch().buffer
-    return Runtime.get().load_program(buf).load_method("forward"), len(buf)
+    program = Runtime.get().load_program(buf)  # reads from `buf` and needs `program` alive: keep both
+    return program.load_method("forward"), (buf, program)
 
 
 def median_ms(method, x: torch.Tensor, repeats: int) -> float:
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     print(f"| weights | prefill M={args.prefill} ms | decode M=1 ms | .pte MiB |")
     print("|---|---|---|---|")
     for label, scheme, group in SCHEMES:
-        method, size = lowered(scheme, group, args.k, args.n, args.prefill)
+        method, keep = lowered(scheme, group, args.k, args.n, args.prefill)
+        size = len(keep[0])
         pre = median_ms(method, torch.randn(1, args.prefill, args.k), args.repeats)
         dec = median_ms(method, torch.randn(1, 1, args.k), args.repeats * 10)
         print(f"| {label} | {pre:.0f} | {dec:.2f} | {size / 2**20:.1f} |", flush=True)

@@ -167,3 +167,15 @@ def test_presets_choose_their_eval_set():
     assert params.compose(CONF, ["model=tiny"])["evaluate"]["set"] == "shapes"
     big = params.compose(CONF, ["model=llava-1.5-7b"])["evaluate"]
     assert (big["set"], big["reference_dtype"]) == ("photos", "bfloat16")
+
+
+def test_dvc_composes_a_target_as_exp_run_s_does(tmp_path):
+    """`dvc exp run -S target=x86-avx512` recomposes params.yaml with DVC's own Hydra call: the
+    target's choices land in it over the model preset's."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(CONF), None, "config", "", ["target=x86-avx512"])
+    data = yaml.safe_load(out.read_text())
+    assert data == params.compose(CONF, ["target=x86-avx512"])
+    assert (data["quant"]["group_size"], data["quant"]["vision"], data["model"]["name"]) == (128, "8da8w", "tiny")

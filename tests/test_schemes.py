@@ -42,7 +42,8 @@ def test_scheme_lowers_whole_to_xnnpack_and_matches_eager(scheme, group_size):
 
     x, fp32, eager, ops, pte = _lowered(scheme, group_size)
     assert all("executorch_call_delegate" in op or "getitem" in op for op in ops), ops
-    out = Runtime.get().load_program(pte).load_method("forward").execute([x])[0]
+    program = Runtime.get().load_program(pte)  # reads from `pte`: both stay alive while it runs
+    out = program.load_method("forward").execute([x])[0]
     # XNNPACK vs torchao: the same int weights, activations rounded alike within one step.
     assert float((out - eager).abs().max()) < 0.05 * float(eager.std())
     # And the weights really are quantized: int8 loses less than int4, both lose something.
