@@ -14,16 +14,18 @@ colour); the binding of the question's shape word to the picture's patches did n
 the vision features encode each patch's kind and rank (linear probes). The target is the
 model's own attention, so nothing of this loss is in the exported graph.
 
-Measured (not the committed model): from the output of `scripts.train_builtin --init
-assets/models/tiny --seed 4 --patch-steps 0 --vision-steps 1200 --joint-steps 600 --aux-weight 0.3`,
-`--attention-steps 500 --keep count=0.5,left=0.5` (27 min, 2 threads, AVX-512) brought the loss
-from 3.47 to 0.3-0.5 (about 0.65 of the head's attention on the right shape), but transformers'
-answers on 150 fresh scenes (seed 10001) stayed at colour 88/126; count 146/150, left 147/150,
-describe 65/150 (the committed model: 143, 88, 143, 59). The head finds the shape; the answer is
-not read from it (zeroing that head's output changes 1 of 60 colour answers). The same run with
-`--attention-steps 400 --value-weight 0.5` (a linear probe on what the head writes must name the
-shape's colour and kind; 13 min) is the first to move colour: on the same 150 scenes count 139,
-colour 95/126 (75.4%), left 148, describe 68/150 (45.3%). Still far from the task's 95/95/95/90.
+Measured, on 150 fresh scenes (count, colour, left, describe). From the output of
+`scripts.train_builtin --init assets/models/tiny --seed 4 --patch-steps 0 --vision-steps 1200
+--joint-steps 600 --aux-weight 0.3`: `--attention-steps 500 --keep count=0.5,left=0.5` (27 min, 2
+threads, AVX-512) brought the loss from 3.47 to 0.3-0.5 (about 0.65 of the head's attention on
+the right shape), but colour stayed at 88/126 (count 146, left 147, describe 65/150): the head
+found the shape, the answer was not read from it (zeroing that head's output changed 1 of 60
+colour answers). The same run with `--attention-steps 400 --value-weight 0.5` (a linear probe
+on what the head writes must name the shape's colour and kind; 13 min) moved colour to 95/126
+and describe to 68/150. The committed model (its card's run 4) is `--attention-steps 800
+--value-weight 0.5 --keep count=0.5,left=0.5` from a run with 1500 vision-probe steps and 400
+joint steps (25 min): count 147, colour 92/127, left 149, describe 116/150 (77%, from 41%
+before this phase). Colour is still far from the task's 95%.
 """
 
 from __future__ import annotations
