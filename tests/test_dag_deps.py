@@ -90,6 +90,17 @@ def test_manifest_records_exactly_the_params_dvc_tracks(name):
     assert recorded == tracked, f"stage {name}: manifest {sorted(recorded)} vs dvc.yaml {sorted(tracked)}"
 
 
+def _interpolate(text: str, params: dict) -> str:
+    """dvc.yaml's `${section.key}` templates, filled from params.yaml as DVC fills them."""
+    import re
+
+    def value(match: re.Match) -> str:
+        section, key = match.group(1).split(".", 1)
+        return str(params[section][key])
+
+    return re.sub(r"\$\{([\w.]+)\}", value, text)
+
+
 def test_committed_lock_matches_the_checked_in_sources_and_params():
     """dvc.lock records the md5 of every source file a stage depends on and the values of its
     params; a code or params.yaml change committed without `dvc repro` leaves a lock that a clean
@@ -100,11 +111,19 @@ def test_committed_lock_matches_the_checked_in_sources_and_params():
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert sorted(lock) == sorted(STAGES), "dvc.lock and dvc.yaml list different stages: run dvc repro"
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stale = []
     for name, entry in lock.items():
+        locked = {dep["path"] for dep in entry.get("deps", [])}
+        wanted = {_interpolate(d, params) for d in declared[name].get("deps", [])}
+        if locked != wanted:  # a dep added to or dropped from dvc.yaml since the lock was written
+            stale.append(f"{name}: deps not in the lock {sorted(wanted - locked)}, "
+                         f"no longer declared {sorted(locked - wanted)}")
         for dep in entry.get("deps", []):
             path = ROOT / dep["path"]
-            if path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+            if not path.exists() and not dep["path"].startswith("outputs/"):
+                stale.append(f"{name}: {dep['path']} is gone")
+            elif path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
                 stale.append(f"{name}: {dep['path']}")
         for values in entry.get("params", {}).values():
             for key, value in values.items():
