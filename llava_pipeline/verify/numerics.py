@@ -27,6 +27,8 @@ coffee.jpg; a seeded random prompt gave the same within the ranges below):
 | none | top-1 agreement vs eager | 1.0 (41/41) | 0.95 |
 | 8da4w | top-1 agreement vs eager 8da4w | 0.976 - 1.0 | 0.90 |
 | 8da4w | top-1 agreement vs fp32 (INFO) | 0.66 - 0.71 | none |
+| 8da8w | text_decoder logits max abs diff (trained tiny, shapes.png) | 2.9e-6 - 6.7e-6 (σ 1.7 - 4.6) | 0.05·σ |
+| 8da8w | top-1 agreement vs eager 8da8w / vs fp32 (INFO) | 1.0 (41/41) / 1.0 | 0.90 / none |
 
 fp32 XNNPACK differs from eager PyTorch by summation order only (~1e-6 relative); 1e-3·σ leaves
 room for deeper models (7B) while a wrong weight, cache slot or normalisation moves outputs by
@@ -62,10 +64,11 @@ class Tolerances:
     vision_rel: float = 1e-3  # vision_encoder output: max abs diff <= vision_rel * σ
 
 
-# 8da8w (int8 weights) differs from its eager model the way 8da4w does: by the rounding of the
-# dynamically quantized activations.
+# 8da8w (int8 weights) could differ from its eager model the way 8da4w does, by the rounding of
+# the dynamically quantized activations; measured, it differs by summation order only (table
+# above), so its bound is 5x tighter than 8da4w's and still 4 orders above what was seen.
 TOLERANCES = {"none": Tolerances(1e-3, 1e-3, 0.95), "8da4w": Tolerances(1e-3, 0.25, 0.90),
-              "8da8w": Tolerances(1e-3, 0.25, 0.90)}
+              "8da8w": Tolerances(1e-3, 0.05, 0.90)}
 # By quant.vision: an int8 vision tower differs by XNNPACK's vs torchao's rounding of its
 # dynamically quantized activations, like the 8da4w decoder.
 VISION_TOLERANCES = {"none": 1e-3, "8da8w": 0.25}
