@@ -14,6 +14,7 @@ the ISA flags XNNPACK dispatches on: speeds differ between machines, compare wit
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -35,21 +36,31 @@ SCHEMES = (  # label, quant.scheme, quant.group_size
 )
 
 
-def lowered(scheme: str, group_size: int, k: int, n: int, max_m: int):
+def lowered_linear(scheme: str, group_size: int, k: int, n: int, max_m: int, m: int = 8):
+    """One seeded Linear(k, n) quantized as the quantize stage does it (affine scales) and lowered
+    with the text decoder's partitioners, M dynamic up to `max_m`: (the fp32 linear, the eager
+    quantized one, the lowered program manager). tests/test_schemes.py checks these programs."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-    from executorch.runtime import Runtime
     from torchao.quantization import quantize_
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(k, n, bias=False)).eval()
+    fp32 = nn.Sequential(nn.Linear(k, n, bias=False)).eval()
+    model = copy.deepcopy(fp32)
     if scheme != "none":
         quantize_(model, weight_config(QuantConfig(scheme=scheme, group_size=group_size, qparams="affine")))
-    x = torch.randn(1, 8, k)
+    x = torch.randn(1, m, k)
     ep = torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("m", min=1, max=max_m)},))
     edge = to_edge_transform_and_lower(ep, partitioner=export.partitioners("text_decoder", scheme != "none"),
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    buf = edge.to_executorch().buffer
-    program = Runtime.get().load_program(buf)  # reads from `buf` and needs `program` alive: keep both
+    return fp32, model, edge
+
+
+def loaded(buf: bytes):
+    """The program's forward method, and what must stay alive while it runs (it reads from
+    `buf`, and needs its program)."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(buf)
     return program.load_method("forward"), (buf, program)
 
 
@@ -76,8 +87,9 @@ def main(argv=None) -> int:
     print(f"| weights | prefill M={args.prefill} ms | decode M=1 ms | .pte MiB |")
     print("|---|---|---|---|")
     for label, scheme, group in SCHEMES:
-        method, keep = lowered(scheme, group, args.k, args.n, args.prefill)
-        size = len(keep[0])
+        buf = lowered_linear(scheme, group, args.k, args.n, args.prefill)[2].to_executorch().buffer
+        method, _keep = loaded(buf)
+        size = len(buf)
         pre = median_ms(method, torch.randn(1, args.prefill, args.k), args.repeats)
         dec = median_ms(method, torch.randn(1, 1, args.k), args.repeats * 10)
         print(f"| {label} | {pre:.0f} | {dec:.2f} | {size / 2**20:.1f} |", flush=True)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from llava_pipeline import export
-from llava_pipeline.config import QuantConfig
+from scripts.bench_schemes import loaded, lowered_linear
 
 SCHEMES = {  # (scheme, group_size) -> bits per weight, roughly
     ("8da4w", 32): 4,
@@ -18,32 +16,18 @@ SCHEMES = {  # (scheme, group_size) -> bits per weight, roughly
 
 
 def _lowered(scheme: str, group_size: int, in_features: int = 128, out_features: int = 384):
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-    from torchao.quantization import quantize_
-
-    from llava_pipeline.quantize import weight_config
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False)).eval()
+    fp32_model, model, edge = lowered_linear(scheme, group_size, in_features, out_features, max_m=64)
     x = torch.randn(1, 5, in_features)
-    fp32 = model(x)
-    quantize_(model, weight_config(QuantConfig(scheme=scheme, group_size=group_size, qparams="affine")))
-    eager = model(x)
-    ep = torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("t", min=1, max=64)},))
-    edge = to_edge_transform_and_lower(ep, partitioner=export.partitioners("text_decoder", True),
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
     ops = {str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function"}
-    return x, fp32, eager, ops, edge.to_executorch().buffer
+    return x, fp32_model(x), model(x), ops, edge.to_executorch().buffer
 
 
 @pytest.mark.parametrize("scheme, group_size", list(SCHEMES))
 def test_scheme_lowers_whole_to_xnnpack_and_matches_eager(scheme, group_size):
-    from executorch.runtime import Runtime
-
     x, fp32, eager, ops, pte = _lowered(scheme, group_size)
     assert all("executorch_call_delegate" in op or "getitem" in op for op in ops), ops
-    program = Runtime.get().load_program(pte)  # reads from `pte`: both stay alive while it runs
-    out = program.load_method("forward").execute([x])[0]
+    method, _keep = loaded(pte)
+    out = method.execute([x])[0]
     # XNNPACK vs torchao: the same int weights, activations rounded alike within one step.
     assert float((out - eager).abs().max()) < 0.05 * float(eager.std())
     # And the weights really are quantized: int8 loses less than int4, both lose something.
