@@ -31,29 +31,27 @@ FULL_TEXT_LAYERS, FULL_VISION_LAYERS = 32, 24
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
 
 
-def isa_flags() -> list[str]:
-    """The CPU features XNNPACK's x86 kernels dispatch on, as /proc/cpuinfo lists them."""
+def _cpuinfo(key: str) -> str | None:
+    """The first value of `key` in /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ISA_FLAGS if f in have]
+            if line.split(":", 1)[0].strip() == key:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return []
+    return None
+
+
+def isa_flags() -> list[str]:
+    """The CPU features XNNPACK's x86 kernels dispatch on, as /proc/cpuinfo lists them."""
+    have = set((_cpuinfo("flags") or "").split())
+    return [f for f in ISA_FLAGS if f in have]
 
 
 def machine() -> dict:
     import psutil
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _cpuinfo("model name") or platform.processor() or "unknown"
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "isa": isa_flags()}
 
