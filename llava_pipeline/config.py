@@ -1,34 +1,55 @@
 """Typed pipeline configuration: the schema, loading, overrides and validation.
 
-`params.yaml` (what DVC tracks) is the composed form of the Hydra groups in
-`conf/`. A stage run by hand reads `params.yaml` and applies command-line
-overrides on top (`python -m stages.quantize quant.group_size=32`).
-Every check here is pure and cheap so it can run before any heavy work.
+`params.yaml` (what DVC tracks) is the composed form of the Hydra groups in `conf/`. A stage
+run by hand reads `params.yaml` and applies command-line overrides on top
+(`python -m stages.quantize quant.group_size=32`). The dataclasses below are OmegaConf
+structured configs: OmegaConf checks keys, types and the enum fields' allowed values, Hydra
+parses the overrides, and `validate` adds the checks that span keys. Every error is a
+ConfigError whose one line names the key. All of it is cheap, so it runs before heavy work.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """A closed set of strings as an enum whose members' names are their values (so that
+    OmegaConf, which matches enum members by name, accepts the plain strings)."""
+    return StrEnum(name, {v: v for v in values})  # type: ignore[return-value]
+
 
 # The text decoder's linears (see quantize.py): fp32, int4 or int8 weights with int8 dynamic
 # activations. group_size 0 means one scale per output channel.
-QUANT_SCHEMES = ("none", "8da4w", "8da8w")
-KV_CACHES = ("fp32", "int8")
-EMBEDDING_BITS = (8, "none")
+QuantScheme = _choices("QuantScheme", ("none", "8da4w", "8da8w"))
+KvCache = _choices("KvCache", ("fp32", "int8"))
 # How int4/int8 scales are chosen: HQQ (scale-only, ExecuTorch's default; ~10 s per 45M-weight
 # linear on 2 cores) or plain per-group min/max ("affine", ~0.3 s, same format and speed).
-QPARAMS = {"hqq": "hqq_scale_only", "affine": "affine"}
+QParams = _choices("QParams", ("hqq", "affine"))
 # The vision tower + projector: fp32, or int8 per-channel weights with dynamic int8 activations
 # (ExecuTorch's own LLaVA example quantizes its image encoder to int8 as well).
-VISION_SCHEMES = ("none", "8da8w")
+VisionScheme = _choices("VisionScheme", ("none", "8da8w"))
+ReferenceDtype = _choices("ReferenceDtype", ("float32", "bfloat16"))
+
+QUANT_SCHEMES = tuple(QuantScheme)
+KV_CACHES = tuple(KvCache)
+VISION_SCHEMES = tuple(VisionScheme)
+REFERENCE_DTYPES = tuple(ReferenceDtype)
+QPARAMS = {"hqq": "hqq_scale_only", "affine": "affine"}  # ours -> torchao's algorithm name
+EMBEDDING_BITS = (8, "none")  # an int or a string: no enum, checked by validate
 BUILTIN_SOURCES = ("builtin:tiny", "builtin:tiny-random", "builtin:llava-7b-shape")
+EVAL_SETS = ("shapes", "photos")
 
 
 class ConfigError(ValueError):
@@ -54,21 +75,21 @@ class ExportConfig:
     # Static KV cache length: prompt + image tokens + generated tokens.
     max_seq_len: int = 768
     # fp32 | int8 (per-token scales; ExecuTorch's quantized cache + quantized SDPA ops)
-    kv_cache: str = "fp32"
+    kv_cache: KvCache = KvCache.fp32
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     # none | 8da4w | 8da8w (see QUANT_SCHEMES)
-    scheme: str = "8da4w"
+    scheme: QuantScheme = QuantScheme["8da4w"]
     # int4 group size along in_features; 0: one scale per output channel
     group_size: int = 32
     # 8 (int8 per-row token embedding) or "none"
     embedding_bits: Any = 8
     # hqq | affine (see QPARAMS)
-    qparams: str = "hqq"
+    qparams: QParams = QParams.hqq
     # none | 8da8w: the vision tower's and projector's linears (see VISION_SCHEMES)
-    vision: str = "none"
+    vision: VisionScheme = VisionScheme.none
 
 
 @dataclass(frozen=True)
@@ -92,7 +113,7 @@ class EvaluateConfig:
     # Longest answer generated, by the reference and by the .pte.
     max_new_tokens: int = 32
     # dtype of the transformers reference: float32, or bfloat16 (a 7B fits in 24 GiB).
-    reference_dtype: str = "float32"
+    reference_dtype: ReferenceDtype = ReferenceDtype.float32
     # Reference log-probabilities kept per answer token for the KL divergence (the rest of
     # the vocabulary is one bucket).
     top_k: int = 64
@@ -114,79 +135,81 @@ class PipelineConfig:
 
     def section(self, name: str) -> dict:
         """The resolved values of one top-level section, for manifests."""
-        return dataclasses.asdict(getattr(self, name))
+        return asdict(getattr(self, name))
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(PipelineConfig)}
-_SECTION_TYPES = {
-    "model": ModelConfig,
-    "export": ExportConfig,
-    "quant": QuantConfig,
-    "emit": EmitConfig,
-    "evaluate": EvaluateConfig,
-}
+_SECTIONS = {"model": ModelConfig, "export": ExportConfig, "quant": QuantConfig, "emit": EmitConfig,
+             "evaluate": EvaluateConfig}
 
 
-def _check_type(key: str, value: Any, annotation: str) -> Any:
-    """Coerce/validate one scalar against its dataclass annotation string."""
-    ann = annotation.replace(" ", "")
-    optional = ann.endswith("|None")
-    base = ann[: -len("|None")] if optional else ann
-    if value is None:
-        if optional or base == "Any":
-            return None
-        raise ConfigError(f"{key}: must not be null")
-    if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if base == "str":
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
+def _schema() -> DictConfig:
+    """The defaults as a structured config that merges and overrides can write to (OmegaConf
+    marks a frozen dataclass's nodes read-only; the frozen dataclasses are what loading returns)."""
+    schema = OmegaConf.structured(PipelineConfig)
+
+    def writable(node: DictConfig) -> None:
+        OmegaConf.set_readonly(node, False)
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                writable(child)
+
+    writable(schema)
+    return schema
+
+
+_CONVERSIONS = {"Integer": "an integer", "Float": "a number", "String": "a string", "Boolean": "true or false"}
+# Some keys' own words for a value outside their choices.
+_UNKNOWN = {"quant.scheme": "unknown scheme"}
+
+
+def _one_line(e: OmegaConfBaseException) -> ConfigError:
+    """OmegaConf's multi-line error as one line naming the key and, where they are few, the
+    allowed keys or values."""
+    key, msg = e.full_key, str(e.msg).splitlines()[0]
+    if re.match(r"Key '.*' not in ", msg):
+        parts = key.split(".")
+        cls = PipelineConfig if len(parts) == 1 else _SECTIONS.get(parts[0]) if len(parts) == 2 else None
+        if cls is not None:
+            what = "unknown section" if "." not in key else "unknown key"
+            return ConfigError(f"{key}: {what} (allowed: {', '.join(f.name for f in fields(cls))})")
+    if msg.startswith(("Invalid type assigned", "Merge error")):
+        return ConfigError(f"{key or 'configuration'}: expected a mapping")
+    if m := re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg):
+        return ConfigError(f"{key}: {_UNKNOWN.get(key, 'got')} {m[1]!r} (allowed: {m[2]})")
+    if m := re.fullmatch(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg):
+        return ConfigError(f"{key}: expected {_CONVERSIONS.get(m[2], m[2])}, got {m[1]!r}")
+    if "is not Optional" in msg:
+        return ConfigError(f"{key}: must not be null")
+    return ConfigError(f"{key or 'configuration'}: {msg}")
+
+
+def _structured(data: dict) -> DictConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("configuration: expected a mapping at the top level")
+    for name, raw in data.items():
+        if raw is not None and not isinstance(raw, dict) and name in PipelineConfig.__dataclass_fields__:
+            raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
+    try:
+        return OmegaConf.merge(_schema(), {k: v for k, v in data.items() if v is not None})
+    except OmegaConfBaseException as e:
+        raise _one_line(e) from None
 
 
 def from_dict(data: dict) -> PipelineConfig:
-    """Build a PipelineConfig from a nested dict, rejecting unknown or mistyped keys."""
-    if not isinstance(data, dict):
-        raise ConfigError("configuration: expected a mapping at the top level")
-    unknown = sorted(set(data) - set(_SECTIONS))
-    if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: unknown section (allowed: {', '.join(_SECTIONS)})"
-        )
-    sections = {}
-    for name, cls in _SECTION_TYPES.items():
-        raw = data.get(name) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        bad = sorted(set(raw) - set(fields))
-        if bad:
-            raise ConfigError(
-                f"{name}.{bad[0]}: unknown key (allowed: {', '.join(fields)})"
-            )
-        values = {k: _check_type(f"{name}.{k}", v, str(fields[k].type)) for k, v in raw.items()}
-        sections[name] = cls(**values)
-    return PipelineConfig(**sections)
+    """Build a PipelineConfig from a nested dict; OmegaConf rejects unknown or mistyped keys."""
+    cfg = OmegaConf.to_object(_structured(data))
+    assert isinstance(cfg, PipelineConfig)
+    return cfg
 
 
 def to_dict(cfg: PipelineConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    return asdict(cfg)
 
 
 def validate(cfg: PipelineConfig) -> PipelineConfig:
     """Model-independent checks; raises ConfigError naming the key and allowed values."""
     q = cfg.quant
-    if q.scheme not in QUANT_SCHEMES:
-        raise ConfigError(
-            f"quant.scheme: unknown scheme {q.scheme!r} (allowed: {', '.join(QUANT_SCHEMES)})"
-        )
     if q.group_size < 0:
         raise ConfigError(f"quant.group_size: must be 0 (per output channel) or a positive group size, "
                           f"got {q.group_size}")
@@ -197,12 +220,6 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(
             f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)"
         )
-    if q.qparams not in QPARAMS:
-        raise ConfigError(f"quant.qparams: got {q.qparams!r} (allowed: {', '.join(QPARAMS)})")
-    if q.vision not in VISION_SCHEMES:
-        raise ConfigError(f"quant.vision: got {q.vision!r} (allowed: {', '.join(VISION_SCHEMES)})")
-    if cfg.export.kv_cache not in KV_CACHES:
-        raise ConfigError(f"export.kv_cache: got {cfg.export.kv_cache!r} (allowed: {', '.join(KV_CACHES)})")
     if cfg.export.max_seq_len < 2:
         raise ConfigError(f"export.max_seq_len: must be at least 2, got {cfg.export.max_seq_len}")
     src = cfg.model.source
@@ -238,10 +255,6 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
-EVAL_SETS = ("shapes", "photos")
-REFERENCE_DTYPES = ("float32", "bfloat16")
-
-
 def _validate_evaluate(e: EvaluateConfig) -> None:
     if e.set not in EVAL_SETS and not Path(e.set).is_dir():
         raise ConfigError(f"evaluate.set: {e.set!r} is neither {' nor '.join(EVAL_SETS)} nor a folder")
@@ -250,8 +263,6 @@ def _validate_evaluate(e: EvaluateConfig) -> None:
     for key, low in (("scenes", 1), ("max_new_tokens", 1), ("top_k", 1)):
         if getattr(e, key) < low:
             raise ConfigError(f"evaluate.{key}: must be at least {low}, got {getattr(e, key)}")
-    if e.reference_dtype not in REFERENCE_DTYPES:
-        raise ConfigError(f"evaluate.reference_dtype: got {e.reference_dtype!r} (allowed: {', '.join(REFERENCE_DTYPES)})")
     for key in ("min_accuracy", "min_agreement", "min_top1"):
         if not 0.0 <= getattr(e, key) <= 1.0:
             raise ConfigError(f"evaluate.{key}: must be between 0 and 1, got {getattr(e, key)}")
@@ -275,56 +286,40 @@ def source_kind(source: str) -> str:
 
 
 def _parse_overrides(overrides: list[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    parser = OverridesParser.create()
     try:
-        return parser.parse_overrides(overrides)
+        return OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
         first = str(e).strip().splitlines()[0]  # Hydra appends a multi-line grammar hint
         raise ConfigError(f"malformed override {overrides}: {first}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str], conf_dir: Path | None = None) -> dict:
-    """Apply Hydra-syntax `key=value` overrides to a nested dict (a copy is returned).
+    """Apply Hydra-syntax `key=value` overrides to a nested dict (a new dict is returned).
 
-    `group=option` for a config group in `conf_dir` (e.g. `model=llava-1.5-7b`)
-    merges that group's file, as Hydra composition would.
+    `group=option` for a config group in `conf_dir` (e.g. `model=llava-1.5-7b`) merges that
+    group's file, as Hydra composition would. Keys and values are checked against the schema
+    as they are set.
     """
-    import copy
-
-    out = copy.deepcopy(data)
-    for ov in _parse_overrides(overrides):
+    cfg = _structured(data)
+    for ov in _parse_overrides(list(overrides)):
         key = ov.key_or_group
         if ov.is_delete() or ov.is_add() or ov.is_sweep_override():
             raise ConfigError(f"{ov.input_line}: only plain key=value overrides are supported")
         value = ov.value()
-        if "." not in key and conf_dir is not None and (conf_dir / key).is_dir():
-            group_file = conf_dir / key / f"{value}.yaml"
-            if not group_file.is_file():
-                options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-                raise ConfigError(f"{key}: unknown option {value!r} (allowed: {', '.join(options)})")
-            _deep_merge(out, yaml.safe_load(group_file.read_text()) or {})
-            continue
-        parts = key.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key in override {ov.input_line!r}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"{key}: unknown key in override {ov.input_line!r}")
-        node[parts[-1]] = value
+        try:
+            if "." not in key and conf_dir is not None and (conf_dir / key).is_dir():
+                group_file = conf_dir / key / f"{value}.yaml"
+                if not group_file.is_file():
+                    options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+                    raise ConfigError(f"{key}: unknown option {value!r} (allowed: {', '.join(options)})")
+                cfg = OmegaConf.merge(cfg, yaml.safe_load(group_file.read_text()) or {})
+            else:
+                OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise _one_line(e) from None
+    out = OmegaConf.to_container(cfg, enum_to_str=True)
+    assert isinstance(out, dict)
     return out
-
-
-def _deep_merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def load(params_file: Path, overrides: list[str] = (), conf_dir: Path | None = None) -> PipelineConfig:
