@@ -58,7 +58,7 @@ test-fast: venv lint
 # Benchmarks (not part of `make test`): results in outputs/bench/ (results.md, plot.png,
 # JSON metrics for `dvc metrics show outputs/bench` / `dvc plots show`).
 bench: $(BIN)/.installed-bench
-	$(BIN)/python -m llava_pipeline.bench
+	$(BIN)/python -m bench
 
 # llama.cpp on the 7B-shape preset's text weights (llama-cpp-python builds from source once).
 PEER_CKPT := outputs/bench/work/llava-7b-shape-fp32/outputs/download
@@ -69,12 +69,12 @@ $(BIN)/.installed-peers: $(BIN)/.installed-bench
 	touch $@
 
 bench-peers: $(BIN)/.installed-peers
-	test -f $(PEER_CKPT)/manifest.json || $(BIN)/python -m llava_pipeline.bench --models llava-7b-shape --download-only
-	$(BIN)/python -m llava_pipeline.bench.peers --checkpoint $(PEER_CKPT) --out outputs/bench/peers.json
-	$(BIN)/python -m llava_pipeline.bench.report outputs/bench
+	test -f $(PEER_CKPT)/manifest.json || $(BIN)/python -m bench --models llava-7b-shape --download-only
+	$(BIN)/python -m bench.peers --checkpoint $(PEER_CKPT) --out outputs/bench/peers.json
+	$(BIN)/python -m bench.report outputs/bench
 
 bench-7b: $(BIN)/.installed-bench
-	$(BIN)/python -m llava_pipeline.bench.big
+	$(BIN)/python -m bench.big
 
 clean:
 	rm -rf outputs

@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import sys
 from pathlib import Path
 
+from . import rss
 from .chat import Chat, Turn, first_prompt_ids
 from .runner import Runner, Vocabulary, load_runtime_kernels, native_output_captured, read_program_meta
 
@@ -106,8 +106,7 @@ def format_stats(turn: Turn, chat: Chat, image_tokens: int) -> list[str]:
     lines.append(f"decode: {decode}; stopped by {stop}; context {chat.pos}/{chat.seq_len} positions")
     if turn.resyncs:
         lines.append(f"resumed {turn.resyncs}x after pieces that are not UTF-8 on their own")
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lines.append(f"peak RSS: {rss_mib:.0f} MiB (whole process so far, getrusage ru_maxrss)")
+    lines.append(f"peak RSS: {rss.peak_mb():.0f} MiB (whole process so far, VmHWM)")
     return [f"[stats] {line}" for line in lines]
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as config_mod
+from . import rss
 from .errors import PipelineError
 from .files import sha256_file, write_json
 
@@ -111,22 +111,6 @@ class StageContext:
             raise PipelineError(f"{path}: input '{label}' not found")
         self.inputs[label] = path
         return path
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this stage process and of the children it waited for.
-
-    Own peak from VmHWM, not getrusage: Linux carries ru_maxrss across execve, so a stage
-    started by a large parent (a notebook, a benchmark driver) would report the parent's
-    size. The children's figure can only be inflated up to this process's own size."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        with open("/proc/self/status") as f:
-            own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, kids) / 1024, 1)
 
 
 def _input_hashes(inputs: dict[str, Path]) -> dict:
@@ -254,7 +238,7 @@ def run(
         # From process start: imports are a real part of a stage's cost.
         "process_wall_s": round(time.time() - psutil.Process().create_time(), 2),
         "work_wall_s": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": rss.peak_with_children_mb(),  # VmHWM, not ru_maxrss: see rss.py
         **ctx.metrics,
     }
     write_json(metrics_dir / f"{name}.json", figures)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from llava_pipeline import export
-from llava_pipeline.bench.__main__ import machine
 from llava_pipeline.config import QuantConfig
+from llava_pipeline.machine import machine
 from llava_pipeline.quantize import weight_config
 
 SCHEMES = (  # label, quant.scheme, quant.group_size

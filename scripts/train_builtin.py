@@ -38,8 +38,8 @@ from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_pipeline import shapes
-from llava_pipeline.bench.__main__ import isa_flags, machine
 from llava_pipeline.files import write_json
+from llava_pipeline.machine import isa_flags, machine
 from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL, write_processor_files
 
 IMAGE_ID, EOS_ID, PAD_ID = 32000, 2, 32001

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llava_pipeline import evalset, evaluate, files, stage
-from llava_pipeline.bench.ptesize import method_bytes
+from llava_pipeline.ptesize import method_bytes
 
 QUALITY = Path("metrics") / "quality.json"
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from llava_pipeline.bench import __main__ as bench_main
-from llava_pipeline.bench import measure, report
+from bench import __main__ as bench_main
+from bench import measure, report
 
 
 def _allocate(mb: int) -> dict:
@@ -95,7 +95,7 @@ def test_report_files(tmp_path):
 
 @pytest.mark.slow
 def test_method_bytes_cover_the_program(export_8da4w):
-    from llava_pipeline.bench.ptesize import method_bytes
+    from llava_pipeline.ptesize import method_bytes
 
     pte = export_8da4w / "llava.pte"
     sizes = method_bytes(pte)

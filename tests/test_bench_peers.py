@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_pipeline.bench import peers
+from bench.peers import PeersError, text_model, timing
 from llava_pipeline.tiny import tiny_llava_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,16 +67,16 @@ def _check_extracted(out: Path, ref: dict[str, torch.Tensor], dtype) -> None:
 
 
 def test_text_key_both_layouts():
-    assert peers.text_key("language_model.model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
-    assert peers.text_key("model.language_model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
-    assert peers.text_key("language_model.model.embed_tokens.weight") == "model.embed_tokens.weight"
-    assert peers.text_key("model.language_model.norm.weight") == "model.norm.weight"
-    assert peers.text_key("language_model.lm_head.weight") == "lm_head.weight"
-    assert peers.text_key("lm_head.weight") == "lm_head.weight"
+    assert text_model.text_key("language_model.model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    assert text_model.text_key("model.language_model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    assert text_model.text_key("language_model.model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert text_model.text_key("model.language_model.norm.weight") == "model.norm.weight"
+    assert text_model.text_key("language_model.lm_head.weight") == "lm_head.weight"
+    assert text_model.text_key("lm_head.weight") == "lm_head.weight"
     for name in ("model.vision_tower.vision_model.embeddings.patch_embedding.weight",
                  "vision_tower.vision_model.post_layernorm.bias",
                  "multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_2.bias"):
-        assert peers.text_key(name) is None
+        assert text_model.text_key(name) is None
 
 
 def test_extract_save_pretrained_checkpoint(tmp_path):
@@ -85,7 +85,7 @@ def test_extract_save_pretrained_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     _add_tokenizer(ckpt)
-    cfg = peers.write_text_model(ckpt, tmp_path / "text")
+    cfg = text_model.write_text_model(ckpt, tmp_path / "text")
     assert cfg["num_hidden_layers"] == 2
     _check_extracted(tmp_path / "text", _text_reference(model), torch.float32)
 
@@ -108,7 +108,7 @@ def test_extract_sharded_v5_names_bf16(tmp_path):
         weight_map.update(dict.fromkeys(part, file))
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     _add_tokenizer(ckpt)
-    peers.write_text_model(ckpt, tmp_path / "text")
+    text_model.write_text_model(ckpt, tmp_path / "text")
     _check_extracted(tmp_path / "text", _text_reference(model), torch.bfloat16)
 
 
@@ -122,19 +122,19 @@ def test_missing_text_tensor_is_an_error(tmp_path):
     sd = load_file(str(ckpt / "model.safetensors"))
     del sd[next(k for k in sd if k.endswith("layers.1.mlp.down_proj.weight"))]
     save_file(sd, str(ckpt / "model.safetensors"))
-    with pytest.raises(peers.PeersError, match="layers.1.mlp.down_proj"):
-        peers.write_text_model(ckpt, tmp_path / "text")
+    with pytest.raises(PeersError, match="layers.1.mlp.down_proj"):
+        text_model.write_text_model(ckpt, tmp_path / "text")
 
 
 def test_prompt_ids_are_fixed():
-    a = peers.prompt_ids(600, seed=0)
-    assert a == peers.prompt_ids(600, seed=0) and len(a) == 600 and a[0] == 1
+    a = timing.prompt_ids(600, seed=0)
+    assert a == timing.prompt_ids(600, seed=0) and len(a) == 600 and a[0] == 1
     assert all(3 <= t < 32000 for t in a[1:])
-    assert a != peers.prompt_ids(600, seed=1)
+    assert a != timing.prompt_ids(600, seed=1)
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "llava_pipeline.bench.peers", *args],
+    return subprocess.run([sys.executable, "-m", "bench.peers", *args],
                           cwd=cwd, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 

@@ -1,5 +1,6 @@
-"""llava_pipeline.bench.runtime: the arithmetic, the .pte byte accounting, the orchestration
-(with a fake process runner) and one short real run on the tiny export."""
+"""bench.runtime and the modules it runs on (rates, host, pte_bytes, runtime_cases): the
+arithmetic, the .pte byte accounting, the orchestration (with a fake process runner) and one
+short real run on the tiny export."""
 
 from __future__ import annotations
 
@@ -9,34 +10,36 @@ from pathlib import Path
 
 import pytest
 
-from llava_pipeline.bench import runtime as rt
+from bench import host, pte_bytes, rates
+from bench import runtime as rt
+from bench import runtime_cases as cases
 
 # ------------------------------------------------------------------ pure logic
 
 
 def test_mean_context_counts_the_position_a_step_feeds():
     # steps at positions 10, 11, 12 read 11, 12, 13 cached positions
-    assert rt.mean_context(10, 3) == 12.0
-    assert rt.mean_context(600, 1) == 601.0
-    assert rt.mean_context(600, 0) == 601.0
+    assert rates.mean_context(10, 3) == 12.0
+    assert rates.mean_context(600, 1) == 601.0
+    assert rates.mean_context(600, 0) == 601.0
 
 
 def test_bandwidth_limit_and_rates():
-    assert rt.bandwidth_limit(40.0, 3.9e9, 0.1e9) == pytest.approx(10.0)
+    assert rates.bandwidth_limit(40.0, 3.9e9, 0.1e9) == pytest.approx(10.0)
     with pytest.raises(ValueError):
-        rt.bandwidth_limit(40.0, 0, 0)
-    assert rt.tok_per_s(31, 2.0) == 15.5
-    assert rt.tok_per_s(0, 2.0) is None and rt.tok_per_s(3, 0.0) is None
-    assert rt.median([3.0, 1.0, 2.0]) == 2.0
+        rates.bandwidth_limit(40.0, 0, 0)
+    assert rates.tok_per_s(31, 2.0) == 15.5
+    assert rates.tok_per_s(0, 2.0) is None and rates.tok_per_s(3, 0.0) is None
+    assert rates.median([3.0, 1.0, 2.0]) == 2.0
     with pytest.raises(ValueError):
-        rt.median([])
+        rates.median([])
 
 
 def test_add_bandwidth_fields():
     row = {"weight_bytes_per_token": 1_000_000, "kv_bytes_per_position": 1000,
            "decode_mean_context": 500.0, "decode_tok_s": 5000.0,
            "text_decode_mean_context": 1000.0, "text_decode_tok_s": None}
-    rt.add_bandwidth_fields(row, 30.0)
+    rates.add_bandwidth_fields(row, 30.0)
     assert row["kv_bytes_per_token"] == 500_000
     assert row["bandwidth_limit_tok_s"] == pytest.approx(30e9 / 1.5e6)
     assert row["fraction_of_limit"] == pytest.approx(5000 / 20000)
@@ -44,47 +47,47 @@ def test_add_bandwidth_fields():
     assert row["text_bandwidth_limit_tok_s"] == pytest.approx(15000)
     assert row["text_fraction_of_limit"] is None
     assert "weights_fit_in_cache" not in row
-    assert rt.add_bandwidth_fields(dict(row), 30.0, 1_500_000)["weights_fit_in_cache"] is True
-    assert rt.add_bandwidth_fields(dict(row), 30.0, 1_499_999)["weights_fit_in_cache"] is False
+    assert rates.add_bandwidth_fields(dict(row), 30.0, 1_500_000)["weights_fit_in_cache"] is True
+    assert rates.add_bandwidth_fields(dict(row), 30.0, 1_499_999)["weights_fit_in_cache"] is False
     bare = {"decode_tok_s": 1.0}
-    assert rt.add_bandwidth_fields(bare, 30.0) == {"decode_tok_s": 1.0}
+    assert rates.add_bandwidth_fields(bare, 30.0) == {"decode_tok_s": 1.0}
 
 
 def test_seeded_ids_are_reproducible_ordinary_pieces():
-    ids = rt.seeded_ids(600, 32064)
-    assert ids == rt.seeded_ids(600, 32064) and ids != rt.seeded_ids(600, 32064, seed=1)
+    ids = rates.seeded_ids(600, 32064)
+    assert ids == rates.seeded_ids(600, 32064) and ids != rates.seeded_ids(600, 32064, seed=1)
     assert len(ids) == 600 and min(ids) >= 3 and max(ids) < 32000
-    assert max(rt.seeded_ids(600, 100)) < 100
+    assert max(rates.seeded_ids(600, 100)) < 100
 
 
 def test_cache_sizes(tmp_path):
-    assert rt.parse_cache_size("32768K\n") == 32 << 20
-    assert rt.parse_cache_size("2M") == 2 << 20 and rt.parse_cache_size("512") == 512
+    assert host.parse_cache_size("32768K\n") == 32 << 20
+    assert host.parse_cache_size("2M") == 2 << 20 and host.parse_cache_size("512") == 512
     for i, (level, size) in enumerate([(1, "32K"), (3, "32768K"), (2, "1024K")]):
         (tmp_path / f"index{i}").mkdir()
         (tmp_path / f"index{i}" / "level").write_text(f"{level}\n")
         (tmp_path / f"index{i}" / "size").write_text(size)
-    assert rt.last_level_cache_bytes(tmp_path) == 32 << 20
-    assert rt.last_level_cache_bytes(tmp_path / "absent") is None
+    assert host.last_level_cache_bytes(tmp_path) == 32 << 20
+    assert host.last_level_cache_bytes(tmp_path / "absent") is None
 
 
 def test_busy_fraction_from_proc_stat():
     before = "cpu  100 0 100 800 0 0 0 0 0 0"
     after = "cpu  150 0 150 850 50 0 0 0 0 0"  # 100 busy, 100 idle/iowait
-    assert rt.busy_fraction(before, after) == 0.5
-    assert rt.busy_fraction(before, before) is None
-    assert 0.0 <= rt.machine_busy(0.05) <= 1.0
+    assert host.busy_fraction(before, after) == 0.5
+    assert host.busy_fraction(before, before) is None
+    assert 0.0 <= host.machine_busy(0.05) <= 1.0
 
 
 def test_collapse_image_runs():
-    assert rt._collapse([1, 5, 9, 9, 9, 6, 9], 9) == [1, 5, -1, 6, -1]
+    assert cases._collapse([1, 5, 9, 9, 9, 6, 9], 9) == [1, 5, -1, 6, -1]
 
 
 def test_xnnpack_header_parsing():
     head = b"\0\0\0\0" + b"XH00" + struct.pack("<HIII", 30, 32, 100, 132) + struct.pack("<Q", 7 << 33)
-    assert rt._xnn_payload_parts(head) == (32, 100, 132, 7 << 33)
-    assert rt._xnn_payload_parts(b"\0\0\0\0XN01" + bytes(22)) is None  # a bare flatbuffer
-    assert rt._xnn_payload_parts(head[:20]) is None
+    assert pte_bytes._xnn_payload_parts(head) == (32, 100, 132, 7 << 33)
+    assert pte_bytes._xnn_payload_parts(b"\0\0\0\0XN01" + bytes(22)) is None  # a bare flatbuffer
+    assert pte_bytes._xnn_payload_parts(head[:20]) is None
 
 
 def test_hf_text_bytes_counts_decoder_and_head_not_embedding():
@@ -100,10 +103,10 @@ def test_hf_text_bytes_counts_decoder_and_head_not_embedding():
         return LlavaForConditionalGeneration(cfg).to(dtype)
 
     layer = 32 * 32 * 2 + 32 * 16 * 2 + 32 * 48 * 3 + 32 * 2  # q, o; k, v; mlp; 2 norms
-    weights, kv = rt.hf_text_bytes(build(False, torch.float32))
+    weights, kv = pte_bytes.hf_text_bytes(build(False, torch.float32))
     assert weights == 4 * (3 * layer + 32 + 100 * 32)  # layers, final norm, lm_head; no embedding
     assert kv == 2 * 3 * 2 * 8 * 4
-    weights, kv = rt.hf_text_bytes(build(True, torch.bfloat16))
+    weights, kv = pte_bytes.hf_text_bytes(build(True, torch.bfloat16))
     assert weights == 2 * (3 * layer + 32 + 100 * 32)  # the tied matrix once, as the head
     assert kv == 2 * 3 * 2 * 8 * 2
 
@@ -153,7 +156,7 @@ def _fake_ptes(tmp_path, monkeypatch, kv_bytes_per_position: int) -> None:
     """a.pte, b.pte and tokenizer.bin in tmp_path (the cwd), each counted as 1 GB of weights."""
     for name in ("a.pte", "b.pte", "tokenizer.bin"):
         (tmp_path / name).write_bytes(b"12345")
-    counted = rt.PteBytes(weight_bytes=1_000_000_000, named_data_bytes=1, inline_constant_bytes=0,
+    counted = pte_bytes.PteBytes(weight_bytes=1_000_000_000, named_data_bytes=1, inline_constant_bytes=0,
                           other_constant_bytes=0, position_table_bytes=0,
                           kv_bytes_per_position=kv_bytes_per_position, kv_buffers=4, delegates=1)
     monkeypatch.setattr(rt, "pte_method_bytes", lambda pte: counted)
@@ -229,18 +232,18 @@ def test_a_decode_faster_than_the_probe_sets_the_limit():
             {"engine": "executorch", "variant": "tiny", "weight_bytes_per_token": 1_000_000,
              "kv_bytes_per_position": 0, "decode_mean_context": 10.0, "decode_tok_s": 90000.0,
              "weights_fit_in_cache": True}]
-    rows = [rt.add_bandwidth_fields(r, 30.0) for r in rows]
+    rows = [rates.add_bandwidth_fields(r, 30.0) for r in rows]
     assert rows[0]["achieved_gb_s"] == 40.0 and rows[0]["fraction_of_limit"] > 1
     # 40 GB/s streamed from DRAM beats the 30 GB/s probe; the cache-resident 90 GB/s does not count
-    assert rt.machine_bandwidth([25.0, 30.0], rows) == (40.0, "executorch fp32 runner decode")
-    assert rt.machine_bandwidth([45.0], rows) == (45.0, "probe")
+    assert rates.machine_bandwidth([25.0, 30.0], rows) == (40.0, "executorch fp32 runner decode")
+    assert rates.machine_bandwidth([45.0], rows) == (45.0, "probe")
 
 
 def test_merge_processes():
     runs = [{"a": 1.0, "b": None, "c": "x", "n": 2}, {"a": 3.0, "b": 1.0, "c": "y", "n": 4},
             {"a": 2.0, "b": 2.0, "c": "z", "n": 3}]
-    assert rt.merge_processes(runs) == {"a": 2.0, "b": None, "c": "x", "n": 3, "processes": 3}
-    assert rt.merge_processes(runs[:1]) == {**runs[0], "processes": 1}
+    assert rates.merge_processes(runs) == {"a": 2.0, "b": None, "c": "x", "n": 3, "processes": 3}
+    assert rates.merge_processes(runs[:1]) == {**runs[0], "processes": 1}
 
 
 def test_measure_all_rejects_bad_arguments(tmp_path):
@@ -304,7 +307,7 @@ def _text_decoder_linear_params(checkpoint: Path) -> tuple[int, int, dict]:
 def test_pte_bytes_match_the_checkpoint(export_fp32, export_8da4w):
     linear, norms, cfg = _text_decoder_linear_params(export_fp32 / "download")
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    fp32 = rt.pte_method_bytes(export_fp32 / "llava.pte")
+    fp32 = pte_bytes.pte_method_bytes(export_fp32 / "llava.pte")
     assert fp32.named_data_bytes == 4 * linear  # every linear delegated, fp32
     assert 4 * norms <= fp32.other_constant_bytes <= 4 * norms + 64
     assert fp32.weight_bytes == fp32.named_data_bytes + fp32.inline_constant_bytes + fp32.other_constant_bytes
@@ -312,11 +315,11 @@ def test_pte_bytes_match_the_checkpoint(export_fp32, export_8da4w):
     assert fp32.kv_buffers == 2 * cfg["num_hidden_layers"]
     assert fp32.backends == ("XnnpackBackend",)
     assert fp32.position_table_bytes == 2 * 768 * head_dim * 4  # RoPE cos/sin [768, head_dim], max_seq_len 768
-    q = rt.pte_method_bytes(export_8da4w / "llava.pte")
+    q = pte_bytes.pte_method_bytes(export_8da4w / "llava.pte")
     # int4 weights (1/8 of fp32) plus one scale per group of 32
     assert linear // 2 < q.named_data_bytes <= linear // 2 + linear // 32 * 4
     assert q.kv_bytes_per_position == fp32.kv_bytes_per_position
-    vision = rt.pte_method_bytes(export_fp32 / "llava.pte", "vision_encoder")
+    vision = pte_bytes.pte_method_bytes(export_fp32 / "llava.pte", "vision_encoder")
     assert vision.named_data_bytes > 0 and vision.delegates > 0
 
 

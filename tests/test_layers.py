@@ -1,8 +1,9 @@
-"""The llava_pipeline package is layered: its import graph (top-level and function-local
-imports alike, bench/ included) has no cycles, so every module can be read and tested on top
-of the ones below it, and no library module imports a command-line entry point. A
-function-local import counts as an edge like any other: deferring an import hides a cycle
-from Python, not from the reader."""
+"""The llava_pipeline package, the stages and the bench/ scripts are layered: their import
+graph (top-level and function-local imports alike) has no cycles, so every module can be read
+and tested on top of the ones below it; no module imports a command-line entry point; and
+nothing in llava_pipeline/ or stages/ imports bench/ (the benchmarks are scripts on top of
+the library, not part of it). A function-local import counts as an edge like any other:
+deferring an import hides a cycle from Python, not from the reader."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from .conftest import ROOT
 from .test_dag_deps import _module_file
 
 PACKAGE = ROOT / "llava_pipeline"
+BENCH = ROOT / "bench"
+STAGES = ROOT / "stages"
+FOLDERS = (PACKAGE, STAGES, BENCH)
 
 
 def _dotted(path: Path) -> str:
@@ -22,8 +26,8 @@ def _dotted(path: Path) -> str:
 
 
 def _edges(path: Path, source: str | None = None) -> dict[Path, list[str]]:
-    """The package's modules that `path` (or `source` read as if it were there) imports ->
-    where: `line 12`, `line 40, in a function`."""
+    """The project's modules (FOLDERS) that `path` (or `source` read as if it were there)
+    imports -> where: `line 12`, `line 40, in a function`."""
     package = _dotted(path)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
@@ -46,7 +50,7 @@ def _edges(path: Path, source: str | None = None) -> dict[Path, list[str]]:
                 visit(child, inner)
                 continue
             for name in names:
-                target = _module_file(name) if name.split(".")[0] == PACKAGE.name else None
+                target = _module_file(name) if name.split(".")[0] in {f.name for f in FOLDERS} else None
                 if target is not None and target != path:
                     where = f"line {child.lineno}" + (", in a function" if local else "")
                     out.setdefault(target, [])
@@ -58,7 +62,7 @@ def _edges(path: Path, source: str | None = None) -> dict[Path, list[str]]:
 
 
 def import_graph() -> dict[Path, dict[Path, list[str]]]:
-    return {p: _edges(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    return {p: _edges(p) for folder in FOLDERS for p in sorted(folder.rglob("*.py"))}
 
 
 def cycles(graph: dict[Path, dict[Path, list[str]]]) -> list[list[Path]]:
@@ -123,14 +127,20 @@ def describe(cycle: list[Path], graph) -> str:
 
 
 def test_the_graph_sees_top_level_and_function_local_imports():
-    source = "import torch\nfrom . import measure\nfrom ..stage import run\n\ndef f():\n    from ..config import load\n"
-    assert _edges(PACKAGE / "bench" / "x.py", source) == {
-        PACKAGE / "bench" / "__init__.py": ["line 2"],
-        PACKAGE / "bench" / "measure.py": ["line 2"],
+    source = ("import torch\nfrom . import measure\nfrom llava_pipeline.stage import run\n\n"
+              "def f():\n    from llava_pipeline.config import load\n")
+    assert _edges(BENCH / "x.py", source) == {
+        BENCH / "__init__.py": ["line 2"],
+        BENCH / "measure.py": ["line 2"],
         PACKAGE / "stage.py": ["line 3"],
         PACKAGE / "config.py": ["line 6, in a function"],
     }
-    assert PACKAGE / "bench" / "runtime.py" in import_graph()
+    assert _edges(PACKAGE / "verify" / "x.py", "from ..stage import run\nimport bench.measure\n") == {
+        PACKAGE / "stage.py": ["line 1"],
+        BENCH / "measure.py": ["line 2"],
+    }
+    graph = import_graph()
+    assert {BENCH / "runtime.py", BENCH / "peers" / "timing.py", STAGES / "evaluate.py", PACKAGE / "stage.py"} <= set(graph)
     assert cycles({Path("a"): {Path("b"): ["line 1"]}, Path("b"): {Path("a"): ["line 2, in a function"]}}) \
         == [[Path("a"), Path("b"), Path("a")]]
 
@@ -139,15 +149,24 @@ def test_the_package_import_graph_has_no_cycles():
     graph = import_graph()
     found = cycles(graph)
     if found:
-        pytest.fail("import cycles in llava_pipeline:\n  " + "\n  ".join(describe(c, graph) for c in found))
+        pytest.fail("import cycles in llava_pipeline / stages / bench:\n  " + "\n  ".join(describe(c, graph) for c in found))
 
 
 # Command-line entry points: the top of the graph, imported by no module of the package.
-ENTRY_POINTS = (PACKAGE / "run.py", PACKAGE / "bench" / "__main__.py", PACKAGE / "verify" / "__main__.py")
+ENTRY_POINTS = (PACKAGE / "run.py", PACKAGE / "verify" / "__main__.py", BENCH / "__main__.py",
+                BENCH / "peers" / "__main__.py")
 
 
 def test_no_module_imports_a_command_line_entry_point():
     graph = import_graph()
     found = [f"{_dotted(a)} imports {_dotted(b)} ({'; '.join(where)})"
              for a, edges in graph.items() for b, where in edges.items() if b in ENTRY_POINTS]
+    assert not found, found
+
+
+def test_the_library_and_the_stages_do_not_import_bench():
+    graph = import_graph()
+    found = [f"{_dotted(a)} imports {_dotted(b)} ({'; '.join(where)})"
+             for a, edges in graph.items() if BENCH not in a.parents
+             for b, where in edges.items() if BENCH in b.parents]
     assert not found, found

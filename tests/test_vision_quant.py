@@ -71,8 +71,8 @@ def test_vision_8da8w_pipeline_passes_the_verifier(export_options, export_8da4w,
     """The whole pipeline with quant.vision=8da8w (and export.kv_cache=int8): every vision linear
     lowered to XNNPACK with its activation quantization, emit's verifier passes, and the vision
     method sheds 3 of the 4 bytes of every linear weight (less one fp32 scale per output channel)."""
-    from llava_pipeline.bench.ptesize import method_bytes
     from llava_pipeline.files import read_json
+    from llava_pipeline.ptesize import method_bytes
     from llava_pipeline.verify import verify
 
     out = export_options

@@ -5,7 +5,7 @@ Exports run stage by stage in scratch projects under outputs/bench/work/: the ti
 8da4w export one text and one vision layer deeper (stopping at to_executorch), so that
 per-layer costs are measured, not assumed, and scaled to the real 32 text + 24 vision
 layers (`--kv8` adds the int8 KV cache variant, `--vision8` the int8 vision tower). Then the run-time side
-(llava_pipeline.bench.runtime) times the 7B-shape .pte files in ExecuTorch's
+(bench.runtime) times the 7B-shape .pte files in ExecuTorch's
 MultimodalRunner and transformers eager fp32/bf16 on the same weights, image and prompt,
 with the memory bandwidth measured in the same run. Writes outputs/bench/export.json and
 runtime.json (DVC metrics), results.md and plot.png.
@@ -15,45 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from llava_pipeline.machine import machine
 
 from . import export_cost, report
 from . import runtime as rt
 from .measure import isolated
 
 FULL_TEXT_LAYERS, FULL_VISION_LAYERS = 32, 24
-
-
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
-
-
-def _cpuinfo(key: str) -> str | None:
-    """The first value of `key` in /proc/cpuinfo (None where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == key:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def isa_flags() -> list[str]:
-    """The CPU features XNNPACK's x86 kernels dispatch on, as /proc/cpuinfo lists them."""
-    have = set((_cpuinfo("flags") or "").split())
-    return [f for f in ISA_FLAGS if f in have]
-
-
-def machine() -> dict:
-    import psutil
-
-    cpu = _cpuinfo("model name") or platform.processor() or "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "isa": isa_flags()}
 
 
 def _depth(params: dict) -> tuple[int, int]:
@@ -184,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if runtime is not None:
             rss = next((r["rss_above_base_mb"] for r in runtime["rows"]
                         if r["model"] == model and r["engine"] == "executorch" and r["variant"] == "8da4w"), None)
-        from ..model_io import load_args  # torch and transformers: only for the extrapolation
+        from llava_pipeline.model_io import load_args  # torch and transformers: only for the extrapolation
 
         text = load_args(work / f"{model}-8da4w" / "outputs" / "source_transform").text
         export["extrapolation"][model] = extrapolate(
@@ -194,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.runtime_models.split(","):
             pte = work / f"{model}-8da4w" / "outputs" / "llava.pte"
             log(f"profile {model}/8da4w")
-            prof = isolated("llava_pipeline.bench.profile:profile", {"pte": str(pte)})
+            prof = isolated("bench.profile:profile", {"pte": str(pte)})
             export.setdefault("profile", {})[f"{model}/8da4w"] = {k: prof[k] for k in ("prefill", "decode")}
     (out / "export.json").write_text(json.dumps(export, indent=2, sort_keys=True) + "\n")
     if runtime is not None:

@@ -1,6 +1,6 @@
 """`make bench-7b`: the full-size LLaVA-1.5-7B export on this machine, and its run time.
 
-The hub is out of reach here, so the checkpoint is made locally: LLaVA-1.5-7B's exact
+The checkpoint is made locally, not downloaded (docs/bench.md says why): LLaVA-1.5-7B's exact
 architecture (CLIP ViT-L/14-336, 24 layers; Llama-2-7B text, 32 layers, vocab 32064) with
 random bf16 weights, in HF format with sharded safetensors (llava_pipeline.synthetic), in
 outputs/bench/llava-1.5-7b-random/ (outside every DVC output: nothing caches a second copy).
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (ckpt / "model.safetensors.index.json").is_file():
         import torch
 
-        from ..synthetic import llava_7b_config, write_checkpoint  # torch, transformers: only to write it
+        from llava_pipeline.synthetic import llava_7b_config, write_checkpoint  # torch, transformers: only to write it
 
         log(f"writing the random bf16 checkpoint to {ckpt}")
         partial = ckpt.with_name(ckpt.name + ".partial")

@@ -5,9 +5,11 @@ belongs to it alone. Memory is reported above a baseline taken in the same
 process after its imports and before any model is loaded: the interpreter and
 the engine's libraries are not the model's footprint.
 
-Child protocol: `python -m llava_pipeline.bench.measure MODULE:FUNC JSON_KWARGS
+Child protocol: `python -m bench.measure MODULE:FUNC JSON_KWARGS
 [PREIMPORT ...]` imports PREIMPORTs, records the baseline, calls FUNC(**kwargs)
-(which returns a JSON-able dict) and prints one JSON line prefixed by RESULT_TAG.
+(which returns a JSON-able dict) and prints one JSON line prefixed by RESULT_TAG. Peak RSS
+is llava_pipeline.rss's (VmHWM, reset after the baseline). The child imports this
+checkout's bench/ and llava_pipeline/ (the project root goes first on its PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -18,37 +20,13 @@ import os
 import subprocess
 import sys
 
+from llava_pipeline import rss
+
+from . import ROOT
+
 RESULT_TAG = "@@bench-result@@ "
 # In a child: its baseline RSS (MiB), for cases that report the peak of a phase as well.
 baseline_mb: float | None = None
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process, MiB."""
-    return _status_kb("VmRSS") / 1024
-
-
-def peak_rss_mb() -> float:
-    """High-water resident set size of this process, MiB."""
-    return _status_kb("VmHWM") / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def isolated(target: str, kwargs: dict | None = None, preimport: tuple[str, ...] = (),
@@ -56,10 +34,11 @@ def isolated(target: str, kwargs: dict | None = None, preimport: tuple[str, ...]
     """Run `target` ("pkg.module:func") in a fresh interpreter; its dict result plus
     rss_base_mb / rss_peak_mb / rss_above_base_mb."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if threads is not None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
-    cmd = [sys.executable, "-m", "llava_pipeline.bench.measure", target, json.dumps(kwargs or {}), *preimport]
+    cmd = [sys.executable, "-m", "bench.measure", target, json.dumps(kwargs or {}), *preimport]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -74,12 +53,12 @@ def _child(argv: list[str]) -> int:
         importlib.import_module(name)
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    base = rss_mb()
+    base = rss.current_mb()
     # run as `python -m`, this file is __main__: the cases import it under its package name
-    importlib.import_module("llava_pipeline.bench.measure").baseline_mb = base
-    reset_peak_rss()
+    importlib.import_module("bench.measure").baseline_mb = base
+    rss.reset_peak()
     result = dict(func(**json.loads(kwargs_json)))
-    peak = peak_rss_mb()
+    peak = rss.peak_mb()
     result.update(
         rss_base_mb=round(base, 1),
         rss_peak_mb=round(peak, 1),

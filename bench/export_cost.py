@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..params import compose, dump
-from ..stage import EXPORT_STAGES
-from .ptesize import method_bytes
+from llava_pipeline.params import compose, dump
+from llava_pipeline.ptesize import method_bytes
+from llava_pipeline.stage import EXPORT_STAGES
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import ROOT
+
 STAGES = EXPORT_STAGES
 
 

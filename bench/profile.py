@@ -1,7 +1,7 @@
 """Where the text decoder's time goes: ExecuTorch's ETDump over a 600-position prefill and
 single-token decode steps of a .pte's `text_decoder`, aggregated per operator / delegate.
 
-`python -m llava_pipeline.bench.profile outputs/llava.pte [--steps 16] [--out profile.json]`
+`python -m bench.profile outputs/llava.pte [--steps 16] [--out profile.json]`
 prints a table per phase (prefill, decode): total ms, calls, share of the phase, for
 XNNPACK delegate calls and each operator that runs outside them.
 """
@@ -15,7 +15,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from ..runner import load_runtime_kernels
+from llava_pipeline.runner import load_runtime_kernels
 
 
 def profile(pte: Path, prefill: int = 600, steps: int = 16, threads: int = 2) -> dict:

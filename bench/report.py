@@ -7,7 +7,9 @@ holds itself to are checked here, against the 8da4w row of the 7B-shape preset.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 MB = 1 << 20
@@ -229,7 +231,13 @@ def write(folder: Path) -> dict:
     return data
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    ap.add_argument("folder", nargs="?", type=Path, default=Path("outputs/bench"),
+                    help="the folder holding the JSON files; results.md, targets.json and plot.png go there")
+    write(ap.parse_args(argv).folder)
+    return 0
 
-    write(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/bench"))
+
+if __name__ == "__main__":
+    sys.exit(main())
