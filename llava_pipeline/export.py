@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
+from llava_pipeline.methods import MAX_SEQ_LEN, METHODS
 from llava_pipeline.runner_image import MAX_CHANNELS
-
-METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 
 
 def register_ops() -> None:
@@ -108,7 +107,7 @@ def dynamic_quant_methods(quant) -> frozenset[str]:
 def constant_methods(args, bos_id: int, eos_ids: list[int]) -> dict:
     """Metadata the runner reads from the program (see the runner's constants.h)."""
     return {
-        "get_max_seq_len": args.text.max_seq_len,
+        MAX_SEQ_LEN: args.text.max_seq_len,
         "get_max_context_len": args.text.max_seq_len,
         "get_vocab_size": args.text.vocab_size,
         "get_bos_id": bos_id,

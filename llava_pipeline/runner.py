@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-REQUIRED_METHODS = ("token_embedding", "text_decoder", "vision_encoder", "get_max_seq_len")
+from .methods import MAX_SEQ_LEN, REQUIRED
 
 
 def load_kernels() -> None:
@@ -187,7 +187,7 @@ def read_program_meta(path: Path) -> ProgramMeta:
         names = frozenset(program.get_method_name(i) for i in range(program.num_methods()))
     except RuntimeError as e:
         raise ValueError(f"{path} is not a loadable ExecuTorch program ({e})") from None
-    missing = [n for n in REQUIRED_METHODS if n not in names]
+    missing = [n for n in REQUIRED if n not in names]
     if missing:
         raise ValueError(f"{path} lacks the method(s) {', '.join(missing)} that the runner needs")
 
@@ -197,7 +197,7 @@ def read_program_meta(path: Path) -> ProgramMeta:
         return [int(v) for v in program.load_method(name).call([])]
 
     try:
-        max_seq_len = constant("get_max_seq_len")[0]
+        max_seq_len = constant(MAX_SEQ_LEN)[0]
         context = constant("get_max_context_len")
         vocab = constant("get_vocab_size")
         eos = constant("get_eos_ids") or []

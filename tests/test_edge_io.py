@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from llava_pipeline import export
+from llava_pipeline.methods import METHODS
 
 
 class _Net(nn.Module):
@@ -24,7 +25,7 @@ class _Net(nn.Module):
 
 @pytest.fixture(scope="module")
 def lowered():
-    nets = {name: _Net(i).eval() for i, name in enumerate(export.METHODS)}
+    nets = {name: _Net(i).eval() for i, name in enumerate(METHODS)}
     programs = {name: torch.export.export(net, (torch.randn(2, 128),)) for name, net in nets.items()}
     return nets, export.lower(programs, dynamic_quant=(), constants={"get_max_seq_len": 8})
 

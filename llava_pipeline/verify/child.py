@@ -18,11 +18,10 @@ import tempfile
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..methods import METHODS
 from ..runner import load_kernels
 from .report import VerifyError
 
-# The methods ExecuTorch's MultimodalRunner runs, whose tensor metas `describe` reports.
-METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 # ExecuTorch ScalarType codes that method_meta reports.
 DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 11: "bool",
           15: "bfloat16"}

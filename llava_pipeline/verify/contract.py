@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .child import METHODS
+from ..methods import MAX_SEQ_LEN, REQUIRED
 from .report import Report
 
-REQUIRED = (*METHODS, "get_max_seq_len")
 OPTIONAL = ("get_max_context_len", "get_eos_ids")
 
 
@@ -53,7 +52,7 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
     seq = args.text.max_seq_len
     eos = list(args.text.eos_token_ids)
     expect = {  # name: (check, threshold text)
-        "get_max_seq_len": (lambda v: v == [seq], f"== [{seq}]"),
+        MAX_SEQ_LEN: (lambda v: v == [seq], f"== [{seq}]"),
         "get_max_context_len": (lambda v: len(v) == 1 and 0 < v[0] <= seq, f"<= [{seq}] (the cache)"),
         "get_eos_ids": (lambda v: v == eos, f"== {eos}"),
     }

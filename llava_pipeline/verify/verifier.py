@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ..methods import METHODS
 from ..runner import load_kernels, native_output_captured
-from .child import METHODS, Program
+from .child import Program
 from .contract import check_contract, check_tokenizer
 from .manifest import check_provenance
 from .numerics import TOLERANCES, VISION_TOLERANCES, NumericsInputs, check_numerics, load_image, prompt
