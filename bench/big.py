@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from llava_pipeline.checkpoint_files import INDEX_FILE
+
 from . import export_cost, report
 from . import runtime as rt
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.out / CHECKPOINT
-    if not (ckpt / "model.safetensors.index.json").is_file():
+    if not (ckpt / INDEX_FILE).is_file():
         import torch
 
         from llava_pipeline.synthetic import llava_7b_config, write_checkpoint  # torch, transformers: only to write it

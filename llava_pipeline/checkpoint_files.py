@@ -1,15 +1,81 @@
-"""Small readers for the JSON side of an HF-format LLaVA checkpoint folder."""
+"""The files of an HF-format LLaVA checkpoint folder: its JSON side, its safetensors weight files
+(listed, and written in shards)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import files
 from .errors import PipelineError
 
+if TYPE_CHECKING:  # torch is heavy; nothing here needs it at run time
+    from torch import Tensor
+
 read_json = partial(files.read_json, missing="missing from the checkpoint")
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model-{:05d}.safetensors"
+SHARD_BYTES = 2 << 30
+
+
+def safetensors_files(ckpt: Path) -> list[Path]:
+    """The weight files of a checkpoint: the shards its `model.safetensors.index.json` names
+    (sorted, each once), or its single `model.safetensors`. FileNotFoundError names what is
+    missing; PipelineError a malformed index."""
+    index = ckpt / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise PipelineError(f"{index}: not a safetensors index ({e!r})") from None
+        shards = [ckpt / n for n in names]
+        for shard in shards:
+            if not shard.is_file():
+                raise FileNotFoundError(f"{shard}: listed in {INDEX_FILE} but missing")
+        return shards
+    single = ckpt / WEIGHTS_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"{ckpt}: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    return [single]
+
+
+class ShardWriter:
+    """Safetensors shards of at most `shard_bytes` plus an HF-style index, written as
+    tensors arrive, so that at most one shard is in memory."""
+
+    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.size = 0
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def add(self, key: str, tensor: Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + n > self.shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.size += n
+        self.total += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = SHARD_PATTERN.format(len(set(self.weight_map.values())) + 1)
+        save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.weight_map:
+            self._flush()
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
+from llava_pipeline.checkpoint_files import safetensors_files
 from llava_pipeline.model import LlavaModel, ModelArgs, model_args_from_hf_config
 
 # Longest match wins (vision_tower.vision_model. before vision_tower.).
@@ -144,18 +145,6 @@ def hf_to_llava_state_dict(hf_state_dict: Mapping[str, torch.Tensor], args: Mode
             out[ours] = v
     mapper.check_complete()
     return out
-
-
-def safetensors_files(ckpt_dir: Path) -> list[Path]:
-    """`model.safetensors`, or the shards named by `model.safetensors.index.json`."""
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [ckpt_dir / n for n in names]
-    single = ckpt_dir / "model.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(f"{ckpt_dir}: neither model.safetensors nor model.safetensors.index.json")
-    return [single]
 
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint_files import read_json
+from .checkpoint_files import INDEX_FILE, read_json, safetensors_files
 from .errors import PipelineError
 from .processor_files import ASSETS, write_processor_files
 
@@ -20,7 +20,7 @@ CHECKPOINT_PATTERNS = (
     "config.json",
     "generation_config.json",
     "model*.safetensors",
-    "model.safetensors.index.json",
+    INDEX_FILE,
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -49,12 +49,10 @@ def check_checkpoint(folder: Path) -> dict:
             f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'llava' "
             "(a LlavaForConditionalGeneration checkpoint such as llava-hf/llava-1.5-7b-hf)"
         )
-    if not (folder / "model.safetensors").is_file() and not (
-        folder / "model.safetensors.index.json"
-    ).is_file():
-        raise PipelineError(
-            f"{folder}: no model.safetensors or model.safetensors.index.json (safetensors weights required)"
-        )
+    try:
+        safetensors_files(folder)
+    except FileNotFoundError as e:
+        raise PipelineError(f"{e} (safetensors weights required)") from None
     return cfg
 
 

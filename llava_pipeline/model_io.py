@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from . import export
+from .checkpoint_files import INDEX_FILE, SHARD_BYTES, WEIGHTS_FILE, ShardWriter, safetensors_files
 from .config import ConfigError, QuantConfig
-from .convert import iter_safetensors, load_checkpoint, read_hf_config, renamed, safetensors_files
+from .convert import iter_safetensors, load_checkpoint, read_hf_config, renamed
 from .errors import PipelineError
 from .files import read_json
 from .model import LlavaModel, ModelArgs, load_units
@@ -25,10 +26,6 @@ from .source_transforms import apply_source_transforms, check_custom_ops
 SOURCE_TRANSFORMS = ("custom_kv_cache", "custom_sdpa")  # export.kv_cache=fp32
 KV_CACHE_TRANSFORMS = {"fp32": SOURCE_TRANSFORMS, "int8": (*SOURCE_TRANSFORMS, "quantized_kv_cache")}
 ARGS_FILE = "model_args.json"
-WEIGHTS_FILE = "model.safetensors"  # single-file form (read only)
-INDEX_FILE = "model.safetensors.index.json"
-SHARD_PATTERN = "model-{:05d}.safetensors"
-SHARD_BYTES = 2 << 30
 # Room a prompt needs besides the image: BOS, "USER: ", "\n", a short question,
 # " ASSISTANT:" and at least one answer token.
 MIN_TEXT_TOKENS = 16
@@ -70,40 +67,6 @@ def transform_checkpoint(ckpt: Path, max_seq_len: int):
     return model, args
 
 
-class _ShardWriter:
-    """Safetensors shards of at most `shard_bytes` plus an HF-style index, written as
-    tensors arrive, so that at most one shard is in memory."""
-
-    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
-        self.out, self.shard_bytes = out, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        n = tensor.numel() * tensor.element_size()
-        if self.pending and self.size + n > self.shard_bytes:
-            self._flush()
-        self.pending[key] = tensor.contiguous()
-        self.size += n
-        self.total += n
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        name = SHARD_PATTERN.format(len(set(self.weight_map.values())) + 1)
-        save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(self.pending, name))
-        self.pending, self.size = {}, 0
-
-    def close(self) -> None:
-        if self.pending or not self.weight_map:
-            self._flush()
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def write_transformed(ckpt: Path, max_seq_len: int, out: Path, shard_bytes: int = SHARD_BYTES,
                       transforms: tuple[str, ...] = SOURCE_TRANSFORMS) -> ModelArgs:
     """The source_transform stage: checkpoint -> this project's weight names, streamed.
@@ -116,7 +79,7 @@ def write_transformed(ckpt: Path, max_seq_len: int, out: Path, shard_bytes: int 
     model = empty_model(args, transforms)
     check_custom_ops(model, transforms)
     shapes = {k: v.shape for k, v in model.state_dict().items() if not _is_state(k)}
-    writer = _ShardWriter(out, shard_bytes)
+    writer = ShardWriter(out, shard_bytes)
     try:
         for ours, tensor in renamed(args, iter_safetensors(safetensors_files(ckpt)), shapes):
             writer.add(ours, tensor)
@@ -143,7 +106,7 @@ def load_transforms(folder: Path) -> tuple[str, ...]:
 
 def save_transformed(model: LlavaModel, args: ModelArgs, out: Path) -> None:
     """An in-memory transformed model in the stage's format (tests)."""
-    writer = _ShardWriter(out)
+    writer = ShardWriter(out)
     for k, v in model.state_dict().items():
         if not _is_state(k):
             writer.add(k, v)

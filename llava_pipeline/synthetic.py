@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from .checkpoint_files import SHARD_BYTES, ShardWriter
 from .processor_files import write_processor_files
 from .tiny import init_, shape_lm_head, tiny_llava_config
 
 # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf config.json).
 FULL_TEXT_LAYERS = 32
 FULL_VISION_LAYERS = 24
-SHARD_BYTES = 2 << 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,30 +76,11 @@ def random_tensor(name: str, shape, seed: int, shapes: dict) -> torch.Tensor:
 
 def write_weights(out: Path, config, seed: int, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES) -> None:
     """Sharded safetensors + model.safetensors.index.json, one shard in memory at a time."""
-    from safetensors.torch import save_file
-
     shapes = parameter_shapes(config)
-    elem = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
-    size = 0
+    writer = ShardWriter(out, shard_bytes)
     for name in sorted(shapes):
-        n = shapes[name].numel() * elem
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    total = len(shards)
-    weight_map, total_size = {}, 0
-    for i, names in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{total:05d}.safetensors"
-        tensors = {k: random_tensor(k, shapes[k], seed, shapes).to(dtype) for k in names}
-        save_file(tensors, str(out / file), metadata={"format": "pt"})
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
-        weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        writer.add(name, random_tensor(name, shapes[name], seed, shapes).to(dtype))
+    writer.close()
 
 
 def write_checkpoint(out: Path, config, seed: int, dtype: torch.dtype = torch.bfloat16,

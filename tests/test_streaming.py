@@ -45,7 +45,7 @@ def test_synthetic_bytes_do_not_depend_on_sharding(tmp_path):
     synthetic.write_weights(tmp_path / "b", cfg, 0, torch.float32, shard_bytes=1 << 20)
     from safetensors.torch import load_file
 
-    a = load_file(tmp_path / "a" / "model-00001-of-00001.safetensors")
+    a = load_file(tmp_path / "a" / "model-00001.safetensors")
     b = {}
     for f in sorted((tmp_path / "b").glob("model-*.safetensors")):
         b.update(load_file(f))
@@ -53,7 +53,7 @@ def test_synthetic_bytes_do_not_depend_on_sharding(tmp_path):
     c_dir = tmp_path / "c"
     c_dir.mkdir()
     synthetic.write_weights(c_dir, cfg, 1, torch.float32, shard_bytes=1 << 30)
-    c = load_file(c_dir / "model-00001-of-00001.safetensors")
+    c = load_file(c_dir / "model-00001.safetensors")
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
 
 

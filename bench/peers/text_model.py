@@ -9,6 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
+from llava_pipeline.checkpoint_files import safetensors_files
+from llava_pipeline.errors import PipelineError
+
 from . import PeersError
 
 COPY_CHUNK = 64 << 20
@@ -54,22 +57,11 @@ def resolved_text_config(ckpt: Path) -> dict:
 
 
 def weight_files(ckpt: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (index first, then a single file)."""
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise PeersError(f"{index}: not a safetensors index ({e})") from None
-        files = [ckpt / n for n in names]
-        for f in files:
-            if not f.is_file():
-                raise PeersError(f"{f}: listed in {index.name} but missing")
-        return files
-    single = ckpt / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise PeersError(f"{single}: missing from the checkpoint (and no {index.name})")
+    """The safetensors files of a checkpoint, as the pipeline lists them."""
+    try:
+        return safetensors_files(ckpt)
+    except (FileNotFoundError, PipelineError) as e:
+        raise PeersError(str(e)) from None
 
 
 def text_key(name: str) -> str | None:
