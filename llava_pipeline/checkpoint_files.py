@@ -44,6 +44,31 @@ def safetensors_files(ckpt: Path) -> list[Path]:
     return [single]
 
 
+# The prefixes of a LLaVA checkpoint's tensor names per component, in transformers' v4 layout
+# (language_model.model.*, language_model.lm_head.*) and its v5 layout (model.language_model.*,
+# lm_head.*). Longest match wins (vision_tower.vision_model. before vision_tower.).
+KEY_PREFIXES: dict[str, str] = {
+    "language_model.model.": "text",
+    "model.language_model.": "text",
+    "language_model.lm_head.": "lm_head",
+    "lm_head.": "lm_head",
+    "vision_tower.vision_model.": "vision",
+    "model.vision_tower.vision_model.": "vision",
+    "vision_tower.": "vision",
+    "model.vision_tower.": "vision",
+    "multi_modal_projector.": "projector",
+    "model.multi_modal_projector.": "projector",
+}
+
+
+def split_key(hf_key: str) -> tuple[str, str]:
+    """(component: text | lm_head | vision | projector, the name inside it) of a checkpoint key."""
+    for prefix in sorted(KEY_PREFIXES, key=len, reverse=True):
+        if hf_key.startswith(prefix):
+            return KEY_PREFIXES[prefix], hf_key[len(prefix):]
+    raise ValueError(f"unexpected checkpoint key {hf_key!r}: not a LLaVA component")
+
+
 class ShardWriter:
     """Safetensors shards of at most `shard_bytes` plus an HF-style index, written as
     tensors arrive, so that at most one shard is in memory."""

@@ -24,22 +24,9 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from llava_pipeline.checkpoint_files import safetensors_files
+from llava_pipeline.checkpoint_files import safetensors_files, split_key
 from llava_pipeline.model import LlavaModel, ModelArgs, model_args_from_hf_config
 
-# Longest match wins (vision_tower.vision_model. before vision_tower.).
-_PREFIXES: dict[str, str] = {
-    "language_model.model.": "text",
-    "model.language_model.": "text",
-    "language_model.lm_head.": "lm_head",
-    "lm_head.": "lm_head",
-    "vision_tower.vision_model.": "vision",
-    "model.vision_tower.vision_model.": "vision",
-    "vision_tower.": "vision",
-    "model.vision_tower.": "vision",
-    "multi_modal_projector.": "projector",
-    "model.multi_modal_projector.": "projector",
-}
 # Component -> the prefix used when naming a missing key (the hub checkpoint's spelling).
 _HUB_PREFIX = {"text": "language_model.model.", "lm_head": "language_model.lm_head.",
                "vision": "vision_tower.vision_model.", "projector": "multi_modal_projector."}
@@ -95,13 +82,6 @@ def _key_table(args: ModelArgs) -> dict[tuple[str, str], str]:
     return t
 
 
-def _split(hf_key: str) -> tuple[str, str]:
-    for prefix in sorted(_PREFIXES, key=len, reverse=True):
-        if hf_key.startswith(prefix):
-            return _PREFIXES[prefix], hf_key[len(prefix):]
-    raise ValueError(f"unexpected checkpoint key {hf_key!r}: not a LLaVA component")
-
-
 class KeyMapper:
     """Maps HF keys to ours for one `ModelArgs`, and remembers which targets it has produced."""
 
@@ -112,7 +92,7 @@ class KeyMapper:
 
     def __call__(self, hf_key: str) -> str | None:
         """Our key, or None for a key dropped on purpose. Raises ValueError for unknown keys."""
-        comp, name = _split(hf_key)
+        comp, name = split_key(hf_key)
         ours = self.table.get((comp, name))
         if ours is not None:
             if ours in self.seen:

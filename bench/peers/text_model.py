@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from llava_pipeline.checkpoint_files import safetensors_files
+from llava_pipeline.checkpoint_files import safetensors_files, split_key
 from llava_pipeline.errors import PipelineError
 
 from . import PeersError
@@ -70,12 +70,11 @@ def text_key(name: str) -> str | None:
     transformers v4 layout: language_model.model.* / language_model.lm_head.weight;
     v5 layout: model.language_model.* / lm_head.weight.
     """
-    for prefix in ("language_model.model.", "model.language_model."):
-        if name.startswith(prefix):
-            return "model." + name[len(prefix):]
-    if name in ("language_model.lm_head.weight", "lm_head.weight"):
-        return "lm_head.weight"
-    return None
+    try:
+        component, inner = split_key(name)
+    except ValueError:
+        return None
+    return {"text": f"model.{inner}", "lm_head": f"lm_head.{inner}"}.get(component)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
