@@ -336,11 +336,6 @@ def write_executorch(edge, path: Path) -> None:
         to_executorch(edge).write_to_file(f)
 
 
-def to_executorch_buffer(edge) -> bytes:
-    """The program as bytes (tests; stages use `write_executorch`)."""
-    return to_executorch(edge).buffer
-
-
 def to_executorch(edge):
     """Memory planning and emission; delegate payloads as separate segments."""
     from executorch.exir import ExecutorchBackendConfig

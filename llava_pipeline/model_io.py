@@ -16,7 +16,7 @@ import torch
 from . import export
 from .checkpoint_files import INDEX_FILE, SHARD_BYTES, WEIGHTS_FILE, ShardWriter, safetensors_files
 from .config import ConfigError, QuantConfig
-from .convert import iter_safetensors, load_checkpoint, read_hf_config, renamed
+from .convert import iter_safetensors, read_hf_config, renamed
 from .errors import PipelineError
 from .files import read_json
 from .model import LlavaModel, ModelArgs, load_units
@@ -52,19 +52,6 @@ def hf_model_args(ckpt: Path, max_seq_len: int) -> ModelArgs:
             f"plus a prompt and an answer (need at least {need})"
         )
     return args
-
-
-def transform_checkpoint(ckpt: Path, max_seq_len: int):
-    """Load the HF checkpoint into this project's model and apply the source transforms
-    (in memory, fp32: for tests and small models; the stage streams, see `write_transformed`)."""
-    args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
-    try:
-        model = load_checkpoint(ckpt, max_seq_len)
-    except (OSError, ValueError, KeyError) as e:  # corrupt/truncated shard, missing tensor
-        raise PipelineError(f"{ckpt}: checkpoint weights unusable: {e}") from None
-    apply_source_transforms(model, SOURCE_TRANSFORMS)
-    check_custom_ops(model, SOURCE_TRANSFORMS)
-    return model, args
 
 
 def write_transformed(ckpt: Path, max_seq_len: int, out: Path, shard_bytes: int = SHARD_BYTES,

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from .config import QPARAMS, ConfigError, QuantConfig
-from .model import load_units
 
 XNNPACK_GROUP_MULTIPLE = 32
 
@@ -104,14 +103,6 @@ def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model, quant: QuantConfig):
-    """Quantize a whole in-memory `model` in place per `quant`; returns it."""
-    check_group_size({k: m.in_features for k, m in decoder_linears(model).items()}, quant)
-    for unit in load_units(model):
-        quantize_unit(unit, model, quant)
-    return model
-
-
 def prepare_quantized_structure(model, quant: QuantConfig):
     """Make a fresh float model able to take a saved quantized state dict.
 

@@ -8,7 +8,10 @@ import torch
 
 from llava_pipeline import model_io, quantize, synthetic
 from llava_pipeline.config import QuantConfig
+from llava_pipeline.convert import load_checkpoint
 from llava_pipeline.errors import PipelineError
+from llava_pipeline.model import load_units
+from llava_pipeline.source_transforms import apply_source_transforms
 from llava_pipeline.tiny import tiny_llava_config
 
 MAX_SEQ_LEN = 640
@@ -80,7 +83,8 @@ def test_streamed_transform_keeps_dtype_and_matches_in_memory(ckpt, transformed)
 
     with safe_open(str(files["text_decoder.output.weight"]), framework="pt") as f:
         assert f.get_tensor("text_decoder.output.weight").dtype == torch.bfloat16
-    ref, _ = model_io.transform_checkpoint(ckpt, MAX_SEQ_LEN)
+    ref = load_checkpoint(ckpt, MAX_SEQ_LEN)  # all of it in memory, then transformed
+    apply_source_transforms(ref, model_io.SOURCE_TRANSFORMS)
     got = model_io.load_transformed(transformed)
     ref_state, got_state = ref.state_dict(), got.state_dict()
     assert ref_state.keys() == got_state.keys()
@@ -97,7 +101,9 @@ def test_unit_by_unit_quantize_equals_whole_model(transformed):
         quantize.quantize_unit(unit, model, quant)
 
     streamed = model_io.load_transformed(transformed, on_unit=hook)
-    whole = quantize.quantize_model(model_io.load_transformed(transformed), quant)
+    whole = model_io.load_transformed(transformed)  # all of it loaded first, then quantized
+    for unit in load_units(whole):
+        quantize.quantize_unit(unit, whole, quant)
     assert seen[:2] == ["vision_encoder", "token_embedding"] and seen[-1] == "text_decoder.output"
     a, b = streamed.state_dict(), whole.state_dict()
     assert a.keys() == b.keys()
