@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from llava_pipeline.checkpoint_files import INDEX_FILE
+from llava_pipeline.files import write_json
 
 from . import export_cost, report
 from . import runtime as rt
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                         after_stage=None if args.keep_intermediates else export_cost.prune)
         result["config"] = {"overrides": overrides}
         result["kind"] = "7b"
-        result_file.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_json(result_file, result)
         if not args.keep_intermediates:  # the run time needs only download/ and the .pte
             for name in ("source_transform", "quantize", "partition"):
                 shutil.rmtree(work / "outputs" / name, ignore_errors=True)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=outputs / "download", image=args.image, prompt=args.prompt,
         decode_tokens=args.decode_tokens, repeats=args.repeats, engines=("executorch",),
     )
-    result_file.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(result_file, result)
     report.write(args.out)
     log(f"done: {args.out / 'results.md'}")
     return 0

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -138,8 +138,7 @@ class PipelineConfig:
         return asdict(getattr(self, name))
 
 
-_SECTIONS = {"model": ModelConfig, "export": ExportConfig, "quant": QuantConfig, "emit": EmitConfig,
-             "evaluate": EvaluateConfig}
+_SECTIONS = get_type_hints(PipelineConfig)  # "quant" -> QuantConfig, ...
 
 
 def _schema() -> DictConfig:
@@ -188,7 +187,7 @@ def _structured(data: dict) -> DictConfig:
     if not isinstance(data, dict):
         raise ConfigError("configuration: expected a mapping at the top level")
     for name, raw in data.items():
-        if raw is not None and not isinstance(raw, dict) and name in PipelineConfig.__dataclass_fields__:
+        if raw is not None and not isinstance(raw, dict) and name in _SECTIONS:
             raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
     try:
         return OmegaConf.merge(_schema(), {k: v for k, v in data.items() if v is not None})
@@ -196,11 +195,15 @@ def _structured(data: dict) -> DictConfig:
         raise _one_line(e) from None
 
 
+def _to_object(cfg: DictConfig) -> PipelineConfig:
+    out = OmegaConf.to_object(cfg)
+    assert isinstance(out, PipelineConfig)
+    return out
+
+
 def from_dict(data: dict) -> PipelineConfig:
     """Build a PipelineConfig from a nested dict; OmegaConf rejects unknown or mistyped keys."""
-    cfg = OmegaConf.to_object(_structured(data))
-    assert isinstance(cfg, PipelineConfig)
-    return cfg
+    return _to_object(_structured(data))
 
 
 def to_dict(cfg: PipelineConfig) -> dict:
@@ -300,6 +303,12 @@ def apply_overrides(data: dict, overrides: list[str], conf_dir: Path | None = No
     group's file, as Hydra composition would. Keys and values are checked against the schema
     as they are set.
     """
+    out = OmegaConf.to_container(_overridden(data, overrides, conf_dir), enum_to_str=True)
+    assert isinstance(out, dict)
+    return out
+
+
+def _overridden(data: dict, overrides: list[str], conf_dir: Path | None) -> DictConfig:
     cfg = _structured(data)
     for ov in _parse_overrides(list(overrides)):
         key = ov.key_or_group
@@ -317,9 +326,7 @@ def apply_overrides(data: dict, overrides: list[str], conf_dir: Path | None = No
                 OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:
             raise _one_line(e) from None
-    out = OmegaConf.to_container(cfg, enum_to_str=True)
-    assert isinstance(out, dict)
-    return out
+    return cfg
 
 
 def load(params_file: Path, overrides: list[str] = (), conf_dir: Path | None = None) -> PipelineConfig:
@@ -330,5 +337,4 @@ def load(params_file: Path, overrides: list[str] = (), conf_dir: Path | None = N
         data = yaml.safe_load(params_file.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{params_file}: not valid YAML ({e})") from None
-    data = apply_overrides(data, list(overrides), conf_dir)
-    return validate(from_dict(data))
+    return validate(_to_object(_overridden(data, list(overrides), conf_dir)))

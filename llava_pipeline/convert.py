@@ -129,10 +129,9 @@ def hf_to_llava_state_dict(hf_state_dict: Mapping[str, torch.Tensor], args: Mode
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one tensor at a time, file by file, so that only one checkpoint
-    tensor is in memory beside the model. Errors name the file."""
+    tensor is in memory beside the model. Errors name the file (`safetensors_files` has checked
+    that each exists)."""
     for path in files:
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint shard missing: {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from llava_pipeline.files import write_json
 
 from ..host import machine_busy
 from ..measure import isolated
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".partial")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(tmp, result)
     tmp.rename(args.out)
     log(f"wrote {args.out}")
     return 0
