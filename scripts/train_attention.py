@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--value-weight", type=float, default=0.0,
                     help="weight of a linear probe on what head 0 writes (the named shape's colour and kind)")
     ap.add_argument("--keep", type=tb._keep, default=None, metavar="TYPE=P,...", help="as train_builtin's")
+    ap.add_argument("--shape-weights", type=tb._shape_weights, default=None, metavar="W1,W2,W3",
+                    help="relative frequency of training scenes with 1, 2, 3 shapes (default: equal)")
     ap.add_argument("--eval-scenes", type=int, default=150)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
     for step in range(args.attention_steps):
         for g, (_, peak) in zip(opt.param_groups, groups):
             g["lr"] = tb.lr_at(step, args.attention_steps, peak)
-        pixels, labels, seqs, slots = tb.make_batch(rng, prompts, args.batch, keep=args.keep, annotate=slots_for)
+        pixels, labels, seqs, slots = tb.make_batch(rng, prompts, args.batch, keep=args.keep, annotate=slots_for,
+                                                        shape_weights=args.shape_weights)
         feats = tb.image_features(model, pixels)
         logits, targets, owner, att_loss, picked = forward(model, feats, seqs, slots, labels["rank"])
         value_loss = torch.zeros(())

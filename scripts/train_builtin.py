@@ -161,12 +161,15 @@ def scene_items(scene: shapes.Scene, rng: random.Random, keep: dict[str, float] 
 
 
 def make_batch(rng: random.Random, prompts: Prompts, n_images: int, max_shapes: int = 3,
-               keep: dict[str, float] | None = None, annotate=None):
+               keep: dict[str, float] | None = None, annotate=None, shape_weights: list[float] | None = None):
     """(pixels, per-patch labels, seqs): seqs are (image index, ids, n_prompt, qtype). With
-    `annotate(item, ids, n_prompt)`, a fourth element: its result for each sequence."""
+    `annotate(item, ids, n_prompt)`, a fourth element: its result for each sequence.
+    `shape_weights`: relative frequency of scenes with 1, 2, 3 shapes (None: equally often)."""
     pixels, labels, seqs, notes = [], [], [], []
     for i in range(n_images):
-        scene = shapes.sample_scene(rng, rng.randint(1, max_shapes))
+        n = (rng.randint(1, max_shapes) if shape_weights is None
+             else rng.choices(range(1, len(shape_weights) + 1), weights=shape_weights)[0])
+        scene = shapes.sample_scene(rng, n)
         pixels.append(to_pixels(scene_image(scene, rng)))
         labels.append(patch_labels(scene))
         for item in scene_items(scene, rng, keep):
@@ -599,6 +602,16 @@ def finish(model, stats: dict, args, t_start: float) -> None:
     log(json.dumps(stats, indent=2, sort_keys=True))
     shutil.rmtree(args.out, ignore_errors=True)
     partial.rename(args.out)
+
+
+def _shape_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"--shape-weights: expected three weights >= 0 (1, 2, 3 shapes), got {text!r}")
+    return weights
 
 
 def _keep(text: str) -> dict[str, float]:
