@@ -67,8 +67,10 @@ def add_bandwidth_fields(row: dict, bandwidth_gb_s: float, cache_bytes: int | No
         return row
     if cache_bytes:
         row["weights_fit_in_cache"] = weights + per_pos * (row.get("decode_mean_context") or 0) <= cache_bytes
-    for prefix, ctx_key, rate_key in (("", "decode_mean_context", "decode_tok_s"),
-                                       ("text_", "text_decode_mean_context", "text_decode_tok_s")):
+    for prefix, ctx_key, rate_key in (
+        ("", "decode_mean_context", "decode_tok_s"),
+        ("text_", "text_decode_mean_context", "text_decode_tok_s"),
+    ):
         ctx = row.get(ctx_key)
         if ctx is None:
             continue

@@ -214,15 +214,16 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     """Model-independent checks; raises ConfigError naming the key and allowed values."""
     q = cfg.quant
     if q.group_size < 0:
-        raise ConfigError(f"quant.group_size: must be 0 (per output channel) or a positive group size, "
-                          f"got {q.group_size}")
-    if q.scheme == "8da8w" and q.group_size:
-        raise ConfigError(f"quant.group_size={q.group_size}: quant.scheme=8da8w has int8 weights per output "
-                          "channel only (XNNPACK has no blockwise int8 kernel); set quant.group_size=0")
-    if q.embedding_bits not in EMBEDDING_BITS:
         raise ConfigError(
-            f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)"
+            f"quant.group_size: must be 0 (per output channel) or a positive group size, got {q.group_size}"
         )
+    if q.scheme == "8da8w" and q.group_size:
+        raise ConfigError(
+            f"quant.group_size={q.group_size}: quant.scheme=8da8w has int8 weights per output "
+            "channel only (XNNPACK has no blockwise int8 kernel); set quant.group_size=0"
+        )
+    if q.embedding_bits not in EMBEDDING_BITS:
+        raise ConfigError(f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)")
     if cfg.export.max_seq_len < 2:
         raise ConfigError(f"export.max_seq_len: must be at least 2, got {cfg.export.max_seq_len}")
     src = cfg.model.source

@@ -18,8 +18,10 @@ from PIL import Image
 
 from llava_pipeline.image import to_rgb
 
-PRESET = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the human's questions. USER: ")  # main.cpp's kPresetPrompt
+PRESET = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. USER: "
+)  # main.cpp's kPresetPrompt
 # Pillow's filter standing in for stb's `stbir_resize_uint8` (stb picks Mitchell to shrink and
 # Catmull-Rom to enlarge; Pillow has no Mitchell, and its BICUBIC is Catmull-Rom).
 STB_STAND_IN = Image.Resampling.BICUBIC

@@ -493,5 +493,10 @@ def load_units(model: LlavaModel) -> list[str]:
     the lm_head, the token embedding, and the rest. At 7B the largest is one layer's
     ~0.8 GB of fp32 weights (or the 0.5 GB embedding table)."""
     n = model.args.text.num_layers
-    return ["vision_encoder", "token_embedding", *(f"text_decoder.layers.{i}" for i in range(n)),
-            "text_decoder.norm", "text_decoder.output"]
+    return [
+        "vision_encoder",
+        "token_embedding",
+        *(f"text_decoder.layers.{i}" for i in range(n)),
+        "text_decoder.norm",
+        "text_decoder.output",
+    ]

@@ -251,8 +251,15 @@ class Vocabulary:
     never emit a byte-fallback piece for a character the vocabulary has.
     """
 
-    def __init__(self, path: Path | None = None, *, pieces: list[bytes] | None = None,
-                 bos: int = 1, eos: int = 2, byte_fallback: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        pieces: list[bytes] | None = None,
+        bos: int = 1,
+        eos: int = 2,
+        byte_fallback: frozenset[int] = frozenset(),
+    ):
         self._tok = None
         self._pieces = pieces
         self._byte_fallback = byte_fallback
@@ -352,8 +359,15 @@ class Runner:
     ``binding``/``vocab``/``meta`` replace the real runner, tokenizer and .pte
     metadata (tests)."""
 
-    def __init__(self, model_path: Path | None, tokenizer_path: Path | None, *,
-                 binding=None, vocab: Vocabulary | None = None, meta: ProgramMeta | None = None):
+    def __init__(
+        self,
+        model_path: Path | None,
+        tokenizer_path: Path | None,
+        *,
+        binding=None,
+        vocab: Vocabulary | None = None,
+        meta: ProgramMeta | None = None,
+    ):
         if binding is None:
             load_runtime_kernels()
             from executorch.extension.llm.runner import MultimodalRunner

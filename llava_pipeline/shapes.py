@@ -82,8 +82,12 @@ def _clip(v: int) -> int:
 def _fits(box: tuple[int, int, int], placed: list[Shape]) -> bool:
     x0, y0, side = box
     for s in placed:
-        apart = (x0 >= s.x0 + s.side + MARGIN or s.x0 >= x0 + side + MARGIN
-                 or y0 >= s.y0 + s.side + MARGIN or s.y0 >= y0 + side + MARGIN)
+        apart = (
+            x0 >= s.x0 + s.side + MARGIN
+            or s.x0 >= x0 + side + MARGIN
+            or y0 >= s.y0 + s.side + MARGIN
+            or s.y0 >= y0 + side + MARGIN
+        )
         if not apart or abs((x0 + side / 2) - s.cx) < MIN_DX:
             return False
     return True

@@ -108,8 +108,21 @@ class QuantizedSDPA(nn.Module):
         start_pos = _start_pos(input_pos, k_q.shape[1])
         q_q, q_scale, q_zero = _quantize_per_token(q)
         return torch.ops.llama.custom_quantized_sdpa(
-            q_q, k_q, v_q, start_pos, None, 0, True, None,
-            q_zero, q_scale, k_zero, k_scale, v_zero, v_scale, False,
+            q_q,
+            k_q,
+            v_q,
+            start_pos,
+            None,
+            0,
+            True,
+            None,
+            q_zero,
+            q_scale,
+            k_zero,
+            k_scale,
+            v_zero,
+            v_scale,
+            False,
         )
 
 
@@ -145,8 +158,12 @@ def replace_kv_cache_with_quantized_kv_cache(model: nn.Module) -> nn.Module:
 SOURCE_TRANSFORMS: dict[str, tuple[Callable[[nn.Module], nn.Module], type, type, str]] = {
     "custom_kv_cache": (replace_kv_cache_with_custom_kv_cache, KVCache, CustomKVCache, "llama.update_cache"),
     "custom_sdpa": (replace_sdpa_with_custom_sdpa, SDPA, CustomSDPA, "llama.custom_sdpa"),
-    "quantized_kv_cache": (replace_kv_cache_with_quantized_kv_cache, CustomKVCache, QuantizedKVCache,
-                           "llama.custom_quantized_sdpa"),
+    "quantized_kv_cache": (
+        replace_kv_cache_with_quantized_kv_cache,
+        CustomKVCache,
+        QuantizedKVCache,
+        "llama.custom_quantized_sdpa",
+    ),
 }
 
 

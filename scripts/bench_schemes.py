@@ -50,8 +50,11 @@ def lowered_linear(scheme: str, group_size: int, k: int, n: int, max_m: int, m: 
         quantize_(model, weight_config(QuantConfig(scheme=scheme, group_size=group_size, qparams="affine")))
     x = torch.randn(1, m, k)
     ep = torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("m", min=1, max=max_m)},))
-    edge = to_edge_transform_and_lower(ep, partitioner=export.partitioners("text_decoder", scheme != "none"),
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=export.partitioners("text_decoder", scheme != "none"),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
     return fp32, model, edge
 
 
@@ -82,8 +85,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     m = machine()
-    print(f"Linear({args.k} -> {args.n}), ExecuTorch + XNNPACK, {torch.get_num_threads()} threads; "
-          f"{m['cpu']}, ISA: {', '.join(m['isa']) or 'not recorded'}\n")
+    print(
+        f"Linear({args.k} -> {args.n}), ExecuTorch + XNNPACK, {torch.get_num_threads()} threads; "
+        f"{m['cpu']}, ISA: {', '.join(m['isa']) or 'not recorded'}\n"
+    )
     print(f"| weights | prefill M={args.prefill} ms | decode M=1 ms | .pte MiB |")
     print("|---|---|---|---|")
     for label, scheme, group in SCHEMES:

@@ -120,8 +120,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-vision", type=float, default=2.5e-4)
     ap.add_argument("--att-weight", type=float, default=0.5)
     ap.add_argument("--aux-weight", type=float, default=0.3)
-    ap.add_argument("--value-weight", type=float, default=0.0,
-                    help="weight of a linear probe on what head 0 writes (the named shape's colour and kind)")
+    ap.add_argument(
+        "--value-weight",
+        type=float,
+        default=0.0,
+        help="weight of a linear probe on what head 0 writes (the named shape's colour and kind)",
+    )
     ap.add_argument("--keep", type=tb._keep, default=None, metavar="TYPE=P,...", help="as train_builtin's")
     ap.add_argument("--eval-scenes", type=int, default=150)
     args = ap.parse_args(argv)
@@ -132,16 +136,25 @@ def main(argv=None) -> int:
     model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).train()
     model.set_attn_implementation("eager")  # the only one that returns attention weights
     prompts = tb.Prompts(tb.TINY_TOKENIZER_MODEL)
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(model.config.text_config.hidden_size, n)
-                                 for k, n in tb.HEADS.items()})
+    heads = torch.nn.ModuleDict(
+        {k: torch.nn.Linear(model.config.text_config.hidden_size, n) for k, n in tb.HEADS.items()}
+    )
     vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    lm = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+    lm = [
+        p
+        for n, p in model.named_parameters()
+        if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))
+    ]
     # Made only when asked for, so that a run without them draws the same random numbers as before.
     head_dim = model.model.language_model.layers[-1].self_attn.head_dim
     value_heads = torch.nn.ModuleDict(
-        {"color": torch.nn.Linear(head_dim, 5), "kind": torch.nn.Linear(head_dim, 3)} if args.value_weight else {})
-    groups = [(vision, args.lr_vision), (list(heads.parameters()) + list(value_heads.parameters()), 1e-3),
-              (lm, args.lr_lm)]
+        {"color": torch.nn.Linear(head_dim, 5), "kind": torch.nn.Linear(head_dim, 3)} if args.value_weight else {}
+    )
+    groups = [
+        (vision, args.lr_vision),
+        (list(heads.parameters()) + list(value_heads.parameters()), 1e-3),
+        (lm, args.lr_lm),
+    ]
     opt = torch.optim.AdamW([{"params": p} for p, _ in groups], weight_decay=0.0)
     t0 = time.time()
     for step in range(args.attention_steps):
@@ -155,8 +168,9 @@ def main(argv=None) -> int:
             # What head 0 writes at those positions should name the shape's colour and kind.
             out_h, img_of, ranks = picked
             colour_t, kind_t = shape_targets(labels, img_of, ranks)
-            value_loss = (F.cross_entropy(value_heads["color"](out_h), colour_t)
-                          + F.cross_entropy(value_heads["kind"](out_h), kind_t))
+            value_loss = F.cross_entropy(value_heads["color"](out_h), colour_t) + F.cross_entropy(
+                value_heads["kind"](out_h), kind_t
+            )
         lm_loss = tb.per_answer_loss(logits, targets, owner, len(seqs))
         # The fresh probe heads first fit the features as they are, then keep them in place.
         aux, _ = tb.probe_loss(heads, feats if step >= 60 else feats.detach(), labels)
@@ -166,11 +180,15 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 20 == 0 or step == args.attention_steps - 1:
-            tb.log(f"step {step} lm {float(lm_loss):.4f} att {float(att_loss):.3f} value {float(value_loss):.3f} "
-                   f"aux {float(aux):.3f} ({time.time() - t0:.0f} s)")
+            tb.log(
+                f"step {step} lm {float(lm_loss):.4f} att {float(att_loss):.3f} value {float(value_loss):.3f} "
+                f"aux {float(aux):.3f} ({time.time() - t0:.0f} s)"
+            )
     model.set_attn_implementation("sdpa")
-    stats = {"attention_minutes": round((time.time() - t0) / 60, 1),
-             "command": "python -m scripts.train_attention " + " ".join(argv if argv is not None else sys.argv[1:])}
+    stats = {
+        "attention_minutes": round((time.time() - t0) / 60, 1),
+        "command": "python -m scripts.train_attention " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     tb.finish(model.eval(), stats, args, t_start)
     return 0
 
