@@ -324,6 +324,13 @@ def _edit(path, value):
         ("text_config.attention_bias", True, "attention_bias"),
         ("projector_hidden_act", "relu", "projector_hidden_act"),
         ("text_config.max_position_embeddings", 512, "max_position_embeddings"),
+        # values transformers lets through that this model cannot read as one number
+        ("vision_config.image_size", [336, 336], "vision_config.image_size"),
+        ("vision_config.patch_size", [14, 14], "vision_config.patch_size"),
+        ("text_config.rope_theta", None, "text_config.rope_theta"),
+        ("text_config.rope_parameters", {"rope_type": "default", "rope_theta": None}, "rope_theta"),
+        ("text_config.bos_token_id", None, "text_config.bos_token_id"),
+        ("image_token_id", None, "image_token_index"),
     ],
 )
 def test_unsupported_config_raises_naming_key(path, value, match):
