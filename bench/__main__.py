@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from llava_pipeline.machine import machine
 
@@ -117,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             export_cost.make_project(folder, [f"model={model}"])
             export_cost.run_stages(folder, ["download"], log=log)
         return 0
-    runs, params = {}, {}
+    runs: dict[str, dict] = {}
+    params: dict[str, dict] = {}
     for model in args.models.split(","):
         timed = model in args.runtime_models.split(",")
-        plans = (
+        # (variant, overrides, the variant whose finished stages it reuses)
+        plans: list[tuple[str, list[str], str | None]] = (
             [
                 ("fp32", [f"model={model}", "quant.scheme=none", "quant.embedding_bits=none"], None),
                 ("8da4w", [f"model={model}"], "fp32"),
@@ -160,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                     after_stage=export_cost.prune,
                 )
             runs[key]["config"] = {s: params[key][s] for s in ("model", "quant")}
-    export = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
-    runtime = None
+    export: dict[str, Any] = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
+    runtime: dict[str, Any] | None = None
     if not args.skip_runtime:
         rows, extra = [], {}
         for model in args.runtime_models.split(","):

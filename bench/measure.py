@@ -60,7 +60,7 @@ def _child(argv: list[str]) -> int:
     func = getattr(importlib.import_module(module_name), func_name)
     base = rss.current_mb()
     # run as `python -m`, this file is __main__: the cases import it under its package name
-    importlib.import_module("bench.measure").baseline_mb = base
+    setattr(importlib.import_module("bench.measure"), "baseline_mb", base)
     rss.reset_peak()
     result = dict(func(**json.loads(kwargs_json)))
     peak = rss.peak_mb()

@@ -70,13 +70,17 @@ def write_builtin(
     if source == "builtin:tiny":
         copy_local(BUILTIN_TINY, out, link=False)
     elif source == "builtin:tiny-random":
+        from transformers import CLIPVisionConfig, LlamaConfig
+
         from .tiny import make_tiny_llava, tiny_llava_config  # torch, transformers: random built-ins only
 
         config = tiny_llava_config()
+        text_config, vision_config = config.text_config, config.vision_config
+        assert isinstance(text_config, LlamaConfig) and isinstance(vision_config, CLIPVisionConfig)
         if text_layers is not None:
-            config.text_config.num_hidden_layers = text_layers
+            text_config.num_hidden_layers = text_layers
         if vision_layers is not None:
-            config.vision_config.num_hidden_layers = vision_layers
+            vision_config.num_hidden_layers = vision_layers
         model = make_tiny_llava(seed, config)
         model.save_pretrained(out)
         write_processor_files(out, model.config)

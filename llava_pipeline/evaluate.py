@@ -114,6 +114,7 @@ def teacher_forced(
         before, after = runner_prompt_token_segments(vocab, rec["question"])
         if rec["image"] != image:
             image, features = rec["image"], run("vision_encoder", pixels[rec["image"]].unsqueeze(0))
+        assert features is not None  # encoded at the first record (image starts as None)
         chunks = [run("token_embedding", torch.tensor([before])), features]
         if after:
             chunks.append(run("token_embedding", torch.tensor([after])))

@@ -145,7 +145,7 @@ def delegation_summary(edge) -> dict:
     summary = {}
     for name in edge.methods:
         gm = edge.exported_program(name).graph_module
-        ops = Counter()
+        ops: Counter[str] = Counter()
         delegates = 0
         for node in gm.graph.nodes:
             if node.op != "call_function":

@@ -46,7 +46,7 @@ def llava_main_pixels(path: str | Path, size: int = 336) -> np.ndarray:
     to `int(edge * size / longest)`. No EXIF rotation: stb ignores it."""
     with Image.open(path) as opened:
         opened.load()
-        picture = opened
+        picture: Image.Image = opened
         if picture.mode not in _STB_MODES:
             has_alpha = "A" in picture.getbands() or picture.info.get("transparency") is not None
             picture = picture.convert("RGBA" if has_alpha else "RGB")

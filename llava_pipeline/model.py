@@ -289,6 +289,9 @@ class VisionEncoder(nn.Module):
     """uint8 image [1, C, H, W] as ExecuTorch's runners send it (C 1..4, H and W 1..image_size;
     see runner_image.py) -> projected image tokens [1, N_img, D_text]."""
 
+    mean: torch.Tensor  # buffers (register_buffer): typed here for the checker
+    std: torch.Tensor
+
     def __init__(self, a: VisionArgs, text_dim: int, projector_bias: bool = True):
         super().__init__()
         self.args = a
@@ -347,6 +350,9 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """cos/sin tables [max_seq_len, head_dim] in HF Llama's half-split layout."""
 
+    cos: torch.Tensor  # buffers (register_buffer): typed here for the checker
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
@@ -378,6 +384,9 @@ class KVCache(nn.Module):
     [B, S, H, D] is the layout of `llama.update_cache`/`llama.custom_sdpa`, so the plain and
     custom-op pieces can be swapped over the same buffers. `forward(input_pos, k, v)` writes
     k/v [1, S, H_kv, D] at positions input_pos[0] .. +S-1 and returns the whole caches."""
+
+    k_cache: torch.Tensor  # buffers (register_buffer): typed here for the checker
+    v_cache: torch.Tensor
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor):
         super().__init__()
@@ -499,8 +508,9 @@ class LlavaModel(nn.Module):
         """Recompute every non-learned buffer and zero the KV caches: the step that makes a
         model built on the meta device and `to_empty`-ed usable."""
         for m in self.modules():
-            if m is not self and hasattr(m, "reset_buffers"):
-                m.reset_buffers()
+            reset = getattr(m, "reset_buffers", None)
+            if m is not self and callable(reset):
+                reset()
 
 
 def load_units(model: LlavaModel) -> list[str]:

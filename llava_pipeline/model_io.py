@@ -110,7 +110,8 @@ def empty_model(args: ModelArgs, transforms: tuple[str, ...] = SOURCE_TRANSFORMS
     """The transformed architecture with no storage (fill with `fill_model`)."""
     with torch.device("meta"):
         model = LlavaModel(args)
-        return apply_source_transforms(model, transforms)
+        apply_source_transforms(model, transforms)  # in place
+    return model
 
 
 def _finish(model: LlavaModel) -> LlavaModel:

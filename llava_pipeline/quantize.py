@@ -36,7 +36,9 @@ def weight_config(quant: QuantConfig):
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    bits = {"8da4w": torch.int4, "8da8w": torch.int8}[quant.scheme]
+    # torch has int1..int7 since 2.3, its stubs declare none of them
+    int4 = torch.int4  # type: ignore[attr-defined]
+    bits = {"8da4w": int4, "8da8w": torch.int8}[quant.scheme]
     return Int8DynamicActivationIntxWeightConfig(
         weight_dtype=bits,
         weight_granularity=PerGroup(quant.group_size) if quant.group_size else PerAxis(0),
@@ -97,13 +99,13 @@ def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
             EmbeddingQuantHandler,
         )
 
-        holder = _EmbeddingHolder(model)
+        embedding = _EmbeddingHolder(model)
         handler = EmbeddingQuantHandler(
-            holder, bitwidth=8, group_size=None, packed=False, quantize_with_hqq=quant.qparams == "hqq"
+            embedding, bitwidth=8, group_size=None, packed=False, quantize_with_hqq=quant.qparams == "hqq"
         )
         with contextlib.redirect_stdout(sys.stderr):  # it prints a progress line
             handler.quantized_model()
-        model.token_embedding = holder.token_embedding
+        model.token_embedding = embedding.token_embedding
 
 
 @torch.no_grad()

@@ -58,6 +58,8 @@ class RunnerImage(nn.Module):
     constant pad of the picture minus the pad colour, so that its output size is `size`
     whatever H and W are."""
 
+    fill: torch.Tensor  # a buffer (register_buffer): typed here for the checker
+
     def __init__(self, size: int, fill: tuple[int, ...]):
         super().__init__()
         if len(fill) != 3:

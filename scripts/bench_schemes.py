@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llava_pipeline import export
-from llava_pipeline.config import QuantConfig
+from llava_pipeline.config import QParams, QuantConfig, QuantScheme
 from llava_pipeline.machine import machine
 from llava_pipeline.quantize import weight_config
 
@@ -47,7 +47,8 @@ def lowered_linear(scheme: str, group_size: int, k: int, n: int, max_m: int, m: 
     fp32 = nn.Sequential(nn.Linear(k, n, bias=False)).eval()
     model = copy.deepcopy(fp32)
     if scheme != "none":
-        quantize_(model, weight_config(QuantConfig(scheme=scheme, group_size=group_size, qparams="affine")))
+        quant = QuantConfig(scheme=QuantScheme(scheme), group_size=group_size, qparams=QParams.affine)
+        quantize_(model, weight_config(quant))
     x = torch.randn(1, m, k)
     ep = torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("m", min=1, max=max_m)},))
     edge = to_edge_transform_and_lower(

@@ -54,7 +54,9 @@ def slots_for(item: shapes.Item, ids: list[int], n_prompt: int) -> list[int]:
     order = item.scene.left_to_right()
     rank = 0
     if item.qtype == "color":
-        kind = re.fullmatch(r"What color is the (\w+)\?", item.question).group(1)
+        asked = re.fullmatch(r"What color is the (\w+)\?", item.question)
+        assert asked, item.question  # shapes.color_question's wording
+        kind = asked.group(1)
         rank = next(i for i, s in enumerate(order) if s.kind == kind)
     out, slot = [], -1
     for t in range(n_prompt - 1, len(ids) - 1):
@@ -75,7 +77,7 @@ def forward(model, feats: torch.Tensor, seqs, slots, rank: torch.Tensor):
     """train_builtin.answer_logits plus the attention loss and, at the supervised positions,
     what head 0 writes (its input to o_proj): (out [N, head_dim], image index [N], rank [N]),
     or None where no position is supervised."""
-    captured = {}
+    captured: dict[str, torch.Tensor] = {}
     attn = model.model.language_model.layers[-1].self_attn
     hook = attn.o_proj.register_forward_pre_hook(lambda mod, inp: captured.__setitem__("x", inp[0]))
     out = model.model.language_model(inputs_embeds=tb.answer_inputs(model, feats, seqs), output_attentions=True)

@@ -35,7 +35,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from llava_pipeline import shapes
 from llava_pipeline.files import write_json
@@ -57,7 +57,7 @@ def model_config() -> LlavaConfig:
     """LLaVA-1.5's geometry (336 px, patch 14, 576 tokens, layer -2, vocab 32064), small widths,
     and the depths of the random tiny model (3 CLIP layers of which 2 run, 2 Llama layers), so the
     export's graphs are no larger than before."""
-    return LlavaConfig(
+    cfg = LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",
             hidden_size=128,
@@ -86,13 +86,15 @@ def model_config() -> LlavaConfig:
             tie_word_embeddings=False,
         ),
         image_token_index=IMAGE_ID,
-        pad_token_id=PAD_ID,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=N_PATCH,
         tie_word_embeddings=False,
     )
+    # Not a LlavaConfig field (it keeps unknown keys as attributes): set like one, config.json unchanged.
+    cfg.pad_token_id = PAD_ID
+    return cfg
 
 
 # ----------------------------------------------------------------------------- data
@@ -252,7 +254,8 @@ def patch_batch(rng: random.Random, n_images: int):
 
 
 def probe_loss(heads: torch.nn.ModuleDict, feats: torch.Tensor, labels: dict):
-    total, parts = 0.0, {}
+    total: float | torch.Tensor = 0.0
+    parts: dict[str, float] = {}
     for name, head in heads.items():
         logits = head(feats)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[name].reshape(-1))
@@ -332,6 +335,7 @@ def grow_text_layers(model: LlavaForConditionalGeneration, n_layers: int) -> Lla
     adds nothing to the residual stream at first and the grown model computes what the trained
     one did; training then gives the language model depth it can use."""
     cfg = model.config
+    assert isinstance(cfg.text_config, LlamaConfig)  # model_config() makes a llama text model
     have = cfg.text_config.num_hidden_layers
     if n_layers <= have:
         raise SystemExit(f"error: --grow-text-layers {n_layers}: the model already has {have} layers")

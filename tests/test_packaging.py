@@ -1,4 +1,4 @@
-"""pyproject.toml's metadata agrees with what it pins."""
+"""pyproject.toml's metadata agrees with what it pins and with what make lint checks."""
 
 import importlib.metadata
 import re
@@ -34,3 +34,7 @@ def test_requires_python_is_a_version_every_installed_pin_supports():
             refused.append(f"{name} (Requires-Python {needs})")
     assert "numpy" in checked and "transformers" in checked
     assert not refused, f"requires-python >={floor}, but {', '.join(refused)}"
+
+
+def test_the_type_checker_checks_the_oldest_python_the_project_admits():
+    assert PYPROJECT["tool"]["mypy"]["python_version"] == _python_floor()

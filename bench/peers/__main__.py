@@ -88,10 +88,13 @@ def build_ggufs(
     return cfg_text, ggufs
 
 
-def time_all(ggufs: dict[str, Path], args) -> tuple[list[dict], int, dict]:
-    """One fresh process per GGUF: the JSON rows, the context size llama.cpp used, and
-    per variant the resident memory split (anonymous / file-backed) with the model loaded."""
-    rows, n_ctx, resident = [], None, {}
+def time_all(ggufs: dict[str, Path], args) -> tuple[list[dict], int | None, dict]:
+    """One fresh process per GGUF: the JSON rows, the context size llama.cpp used (None
+    without GGUFs), and per variant the resident memory split (anonymous / file-backed) with
+    the model loaded."""
+    rows: list[dict] = []
+    n_ctx: int | None = None
+    resident: dict[str, dict] = {}
     busy = machine_busy(1.0)  # share of all cores other processes keep busy
     busy = None if busy is None else busy * (os.cpu_count() or 1)
     if busy is not None and busy > 0.25:

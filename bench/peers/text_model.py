@@ -42,12 +42,14 @@ def read_llava_config(ckpt: Path) -> dict:
 
 def resolved_text_config(ckpt: Path) -> dict:
     """text_config with transformers' defaults filled in (llava-hf configs omit many)."""
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, PreTrainedConfig
 
     try:
         cfg = LlavaConfig.from_pretrained(str(ckpt))
     except Exception as e:  # transformers raises many kinds
         raise PeersError(f"{ckpt / 'config.json'}: transformers cannot read it ({e})") from None
+    # LlavaConfig always makes text_config a PreTrainedConfig (a LlamaConfig by default)
+    assert isinstance(cfg.text_config, PreTrainedConfig), type(cfg.text_config)
     text = cfg.text_config.to_dict()
     top_dtype = cfg.to_dict().get("dtype") or cfg.to_dict().get("torch_dtype")
     if not text.get("dtype") and top_dtype:
