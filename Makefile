@@ -40,9 +40,12 @@ demo: venv
 
 run: export demo
 
-# ruff (pinned in pyproject.toml's test extra; rules in [tool.ruff]), before any test runs.
+# ruff and mypy (pinned in pyproject.toml's test extra; settings in [tool.ruff] and [tool.mypy]),
+# before any test runs: lint rules, formatting, types.
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Two workers, one test file at a time each: most of the time goes to single-threaded
 # lowering, and the shared exports (tests/conftest.py) are built once for both. One torch

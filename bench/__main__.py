@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from llava_pipeline.machine import machine
 
@@ -32,8 +33,9 @@ def _depth(params: dict) -> tuple[int, int]:
     return params["model"]["text_layers"], params["model"]["vision_layers"]
 
 
-def extrapolate(base: dict, deeper: dict, base_depth, deeper_depth, seq_len: int, kv_width: int,
-                runtime_rss_mb: float | None) -> dict:
+def extrapolate(
+    base: dict, deeper: dict, base_depth, deeper_depth, seq_len: int, kv_width: int, runtime_rss_mb: float | None
+) -> dict:
     """Per-layer costs from two exports differing by one text and one vision layer.
 
     Bytes split exactly by method (decoder vs vision encoder); export time is one number
@@ -50,13 +52,19 @@ def extrapolate(base: dict, deeper: dict, base_depth, deeper_depth, seq_len: int
     add_t, add_v = FULL_TEXT_LAYERS - base_depth[0], FULL_VISION_LAYERS - base_depth[1]
     kv = 2 * seq_len * kv_width * 4  # fp32 K and V cache per text layer
     out = {
-        "full_text_layers": FULL_TEXT_LAYERS, "full_vision_layers": FULL_VISION_LAYERS,
-        "text_layer_bytes": round(text_b), "vision_layer_bytes": round(vis_b),
-        "pte_bytes": base["pte_bytes"], "full_pte_bytes": round(base["pte_bytes"] + add_t * text_b + add_v * vis_b),
-        "text_layer_export_s": round(text_s, 2), "vision_layer_export_s": round(vis_s, 2),
-        "export_s": round(t_base, 1), "full_export_s": round(t_base + add_t * text_s + add_v * vis_s, 1),
+        "full_text_layers": FULL_TEXT_LAYERS,
+        "full_vision_layers": FULL_VISION_LAYERS,
+        "text_layer_bytes": round(text_b),
+        "vision_layer_bytes": round(vis_b),
+        "pte_bytes": base["pte_bytes"],
+        "full_pte_bytes": round(base["pte_bytes"] + add_t * text_b + add_v * vis_b),
+        "text_layer_export_s": round(text_s, 2),
+        "vision_layer_export_s": round(vis_s, 2),
+        "export_s": round(t_base, 1),
+        "full_export_s": round(t_base + add_t * text_s + add_v * vis_s, 1),
         "export_stages_scaled": common,
-        "seq_len": seq_len, "kv_bytes_per_layer": kv,
+        "seq_len": seq_len,
+        "kv_bytes_per_layer": kv,
     }
     if runtime_rss_mb is not None:
         out["runtime_rss_mb"] = runtime_rss_mb
@@ -67,23 +75,35 @@ def extrapolate(base: dict, deeper: dict, base_depth, deeper_depth, seq_len: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="export and run-time benchmark")
     ap.add_argument("--models", default="tiny,llava-7b-shape")
-    ap.add_argument("--runtime-models", default="llava-7b-shape",
-                    help="models whose run time is measured (the tiny model fits in cache: its speeds "
-                         "say nothing about a real model)")
-    ap.add_argument("--kv8", action="store_true",
-                    help="also export and time the 8da4w model with export.kv_cache=int8")
-    ap.add_argument("--vision8", action="store_true",
-                    help="also export and time the 8da4w model with quant.vision=8da8w (int8 vision tower)")
+    ap.add_argument(
+        "--runtime-models",
+        default="llava-7b-shape",
+        help="models whose run time is measured (the tiny model fits in cache: its speeds "
+        "say nothing about a real model)",
+    )
+    ap.add_argument("--kv8", action="store_true", help="also export and time the 8da4w model with export.kv_cache=int8")
+    ap.add_argument(
+        "--vision8",
+        action="store_true",
+        help="also export and time the 8da4w model with quant.vision=8da8w (int8 vision tower)",
+    )
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--processes", type=int, default=3,
-                    help="processes each 8da4w case (the ones judged against the targets) runs in; "
-                         "its numbers are medians over them")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=3,
+        help="processes each 8da4w case (the ones judged against the targets) runs in; "
+        "its numbers are medians over them",
+    )
     ap.add_argument("--skip-export", action="store_true", help="reuse the scratch exports already there")
     ap.add_argument("--skip-runtime", action="store_true")
-    ap.add_argument("--download-only", action="store_true",
-                    help="only the checkpoints (outputs/bench/work/<model>-fp32/outputs/download), for bench-peers")
+    ap.add_argument(
+        "--download-only",
+        action="store_true",
+        help="only the checkpoints (outputs/bench/work/<model>-fp32/outputs/download), for bench-peers",
+    )
     ap.add_argument("--image", type=Path, default=Path("assets/images/coffee.jpg"))
     ap.add_argument("--prompt", default="What is shown in this picture?")
     args = ap.parse_args(argv)
@@ -98,11 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             export_cost.make_project(folder, [f"model={model}"])
             export_cost.run_stages(folder, ["download"], log=log)
         return 0
-    runs, params = {}, {}
+    runs: dict[str, dict] = {}
+    params: dict[str, dict] = {}
     for model in args.models.split(","):
         timed = model in args.runtime_models.split(",")
-        plans = [("fp32", [f"model={model}", "quant.scheme=none", "quant.embedding_bits=none"], None),
-                 ("8da4w", [f"model={model}"], "fp32")] if timed else [("8da4w", [f"model={model}"], None)]
+        # (variant, overrides, the variant whose finished stages it reuses)
+        plans: list[tuple[str, list[str], str | None]] = (
+            [
+                ("fp32", [f"model={model}", "quant.scheme=none", "quant.embedding_bits=none"], None),
+                ("8da4w", [f"model={model}"], "fp32"),
+            ]
+            if timed
+            else [("8da4w", [f"model={model}"], None)]
+        )
         p = export_cost.compose(export_cost.ROOT / "conf", [f"model={model}"])
         if p["model"]["text_layers"] is not None:  # built-in with a depth (the 7B-shape preset)
             t, v = _depth(p)
@@ -111,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.vision8:
                 plans.append(("8da4w-vision8", [f"model={model}", "quant.vision=8da8w"], "fp32"))
             # One text and one vision layer more: per-layer costs measured, not assumed.
-            plans.append(("8da4w-deeper", [f"model={model}", f"model.text_layers={t + 1}",
-                                           f"model.vision_layers={v + 1}"], None))
+            plans.append(
+                ("8da4w-deeper", [f"model={model}", f"model.text_layers={t + 1}", f"model.vision_layers={v + 1}"], None)
+            )
         for variant, overrides, reuse in plans:
             key = f"{model}/{variant}"
             folder = work / f"{model}-{variant}"
@@ -125,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs[key] = export_cost.collect(folder / "outputs", reused=reuse is not None)
             else:
                 log(f"export {key}")
-                runs[key] = export_cost.run_export(folder, overrides, work / f"{model}-{reuse}" if reuse else None,
-                                                   log=log, until=until, after_stage=export_cost.prune)
+                runs[key] = export_cost.run_export(
+                    folder,
+                    overrides,
+                    work / f"{model}-{reuse}" if reuse else None,
+                    log=log,
+                    until=until,
+                    after_stage=export_cost.prune,
+                )
             runs[key]["config"] = {s: params[key][s] for s in ("model", "quant")}
-    export = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
-    runtime = None
+    export: dict[str, Any] = {"kind": "export", "machine": machine(), "runs": runs, "extrapolation": {}}
+    runtime: dict[str, Any] | None = None
     if not args.skip_runtime:
         rows, extra = [], {}
         for model in args.runtime_models.split(","):
@@ -140,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 [(label, o / "llava.pte") for label, o in pairs],
                 tokenizer=pairs[0][1] / "tokenizer.bin",
                 checkpoint=pairs[0][1] / "download",
-                image=args.image, prompt=args.prompt, decode_tokens=args.decode_tokens,
-                repeats=args.repeats, processes={v: args.processes for v in variants if v.startswith("8da4w")},
+                image=args.image,
+                prompt=args.prompt,
+                decode_tokens=args.decode_tokens,
+                repeats=args.repeats,
+                processes={v: args.processes for v in variants if v.startswith("8da4w")},
             )
             for r in result["rows"]:
                 r["model"] = model
@@ -154,14 +192,26 @@ def main(argv: list[str] | None = None) -> int:
         base, deep = f"{model}/8da4w", f"{model}/8da4w-deeper"
         rss = None
         if runtime is not None:
-            rss = next((r["rss_above_base_mb"] for r in runtime["rows"]
-                        if r["model"] == model and r["engine"] == "executorch" and r["variant"] == "8da4w"), None)
+            rss = next(
+                (
+                    r["rss_above_base_mb"]
+                    for r in runtime["rows"]
+                    if r["model"] == model and r["engine"] == "executorch" and r["variant"] == "8da4w"
+                ),
+                None,
+            )
         from llava_pipeline.model_io import load_args  # torch and transformers: only for the extrapolation
 
         text = load_args(work / f"{model}-8da4w" / "outputs" / "source_transform").text
         export["extrapolation"][model] = extrapolate(
-            runs[base], runs[deep], _depth(params[base]), _depth(params[deep]),
-            params[base]["export"]["max_seq_len"], text.num_kv_heads * text.head_dim, rss)
+            runs[base],
+            runs[deep],
+            _depth(params[base]),
+            _depth(params[deep]),
+            params[base]["export"]["max_seq_len"],
+            text.num_kv_heads * text.head_dim,
+            rss,
+        )
     if not args.skip_runtime:  # where the 8da4w decoder's time goes (ETDump), in its own process
         for model in args.runtime_models.split(","):
             pte = work / f"{model}-8da4w" / "outputs" / "llava.pte"

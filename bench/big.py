@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-export", action="store_true", help="only the run time, on the export already there")
-    ap.add_argument("--keep-intermediates", action="store_true",
-                    help="keep the transformed, quantized and partitioned weights (about 26 GB)")
+    ap.add_argument(
+        "--keep-intermediates",
+        action="store_true",
+        help="keep the transformed, quantized and partitioned weights (about 26 GB)",
+    )
     ap.add_argument("--image", type=Path, default=Path("assets/images/coffee.jpg"))
     ap.add_argument("--prompt", default="What is shown in this picture?")
     args = ap.parse_args(argv)
@@ -65,14 +68,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"checkpoint written in {time.perf_counter() - start:.0f} s")
     work = args.out / "work" / "llava-1.5-7b"
     result_file = args.out / "7b.json"
-    overrides = ["model=llava-1.5-7b", f"model.source={os.path.relpath(ckpt, work)}", "model.revision=null",
-                 f"quant.qparams={args.qparams}", f"emit.verify_steps={args.verify_steps}"]
+    overrides = [
+        "model=llava-1.5-7b",
+        f"model.source={os.path.relpath(ckpt, work)}",
+        "model.revision=null",
+        f"quant.qparams={args.qparams}",
+        f"emit.verify_steps={args.verify_steps}",
+    ]
     if args.skip_export:
         result = json.loads(result_file.read_text())
     else:
         log("export: " + " ".join(overrides))
-        result = export_cost.run_export(work, overrides, log=log,
-                                        after_stage=None if args.keep_intermediates else export_cost.prune)
+        result = export_cost.run_export(
+            work, overrides, log=log, after_stage=None if args.keep_intermediates else export_cost.prune
+        )
         result["config"] = {"overrides": overrides}
         result["kind"] = "7b"
         write_json(result_file, result)
@@ -83,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     log("run time")
     outputs = work / "outputs"
     result["runtime"] = rt.measure_all(
-        [("8da4w", outputs / "llava.pte")], tokenizer=outputs / "tokenizer.bin",
-        checkpoint=outputs / "download", image=args.image, prompt=args.prompt,
-        decode_tokens=args.decode_tokens, repeats=args.repeats, engines=("executorch",),
+        [("8da4w", outputs / "llava.pte")],
+        tokenizer=outputs / "tokenizer.bin",
+        checkpoint=outputs / "download",
+        image=args.image,
+        prompt=args.prompt,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        engines=("executorch",),
     )
     write_json(result_file, result)
     report.write(args.out)

@@ -42,8 +42,9 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=os.link)
 
 
-def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=print,
-               after_stage=None, until: str = "emit") -> dict:
+def run_export(
+    work: Path, overrides: list[str], reuse: Path | None = None, log=print, after_stage=None, until: str = "emit"
+) -> dict:
     """Run all stages in `work`. `reuse`: a finished scratch project with the same model,
     whose download output is linked instead of recomputed (its cost is that project's).
     Returns per-stage metrics and sizes."""
@@ -52,7 +53,7 @@ def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=
     if outputs.exists():
         shutil.rmtree(outputs)
     (outputs / "metrics").mkdir(parents=True)
-    stages = STAGES[:STAGES.index(until) + 1]
+    stages = STAGES[: STAGES.index(until) + 1]
     if reuse is not None:
         _link_tree(reuse / "outputs" / "download", outputs / "download")
         stages = stages[1:]
@@ -63,8 +64,7 @@ def run_export(work: Path, overrides: list[str], reuse: Path | None = None, log=
 # Weight files no later stage reads, deleted as soon as that is so (manifests stay: the
 # verifier checks the chain of manifests). A scratch export then keeps the checkpoint, the
 # quantized model (the verifier's eager reference) and the .pte.
-_PRUNE_AFTER = {"quantize": ("source_transform", "model-*.safetensors"),
-                "to_executorch": ("partition", "*.blobs")}
+_PRUNE_AFTER = {"quantize": ("source_transform", "model-*.safetensors"), "to_executorch": ("partition", "*.blobs")}
 
 
 def prune(stage: str, outputs: Path) -> None:
@@ -80,8 +80,9 @@ def run_stages(work: Path, stages, log=print, after_stage=None) -> None:
     (work / "outputs" / "metrics").mkdir(parents=True, exist_ok=True)
     for name in stages:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=work, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"stages.{name}"], cwd=work, env=env, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{work.name}: stage {name} failed:\n{proc.stderr[-3000:]}")
         log(f"  {work.name}: {name} {time.perf_counter() - t0:.1f} s")

@@ -54,6 +54,7 @@ def busy_fraction(before: str, after: str) -> float | None:
 def machine_busy(interval: float = 0.5) -> float | None:
     """How busy the machine's cores are over ``interval`` s while this process only sleeps:
     the CPU other jobs take away from the next case (0 = idle, 1 = every core busy)."""
+
     def read() -> str:
         with open("/proc/stat") as f:
             return f.readline()

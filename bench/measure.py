@@ -29,8 +29,13 @@ RESULT_TAG = "@@bench-result@@ "
 baseline_mb: float | None = None
 
 
-def isolated(target: str, kwargs: dict | None = None, preimport: tuple[str, ...] = (),
-             threads: int | None = None, timeout: float | None = None) -> dict:
+def isolated(
+    target: str,
+    kwargs: dict | None = None,
+    preimport: tuple[str, ...] = (),
+    threads: int | None = None,
+    timeout: float | None = None,
+) -> dict:
     """Run `target` ("pkg.module:func") in a fresh interpreter; its dict result plus
     rss_base_mb / rss_peak_mb / rss_above_base_mb."""
     env = dict(os.environ)
@@ -42,7 +47,7 @@ def isolated(target: str, kwargs: dict | None = None, preimport: tuple[str, ...]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     tail = (proc.stderr or proc.stdout)[-3000:]
     raise RuntimeError(f"{target} failed (exit {proc.returncode}):\n{tail}")
 
@@ -55,7 +60,7 @@ def _child(argv: list[str]) -> int:
     func = getattr(importlib.import_module(module_name), func_name)
     base = rss.current_mb()
     # run as `python -m`, this file is __main__: the cases import it under its package name
-    importlib.import_module("bench.measure").baseline_mb = base
+    setattr(importlib.import_module("bench.measure"), "baseline_mb", base)
     rss.reset_peak()
     result = dict(func(**json.loads(kwargs_json)))
     peak = rss.peak_mb()

@@ -65,9 +65,19 @@ def profile(pte: Path, prefill: int = 600, steps: int = 16, threads: int = 2) ->
             "ms_per_call": round(total, 3),
             "xnnpack_delegate_calls": agg.get("DELEGATE_CALL", [0, 0])[1],
             "xnnpack_share": round(agg.get("DELEGATE_CALL", [0.0])[0] / total, 4) if total else 0.0,
-            "events": sorted(({"name": k, "ms_per_call": round(v[0], 4), "count_per_call": v[1],
-                               "share": round(v[0] / total, 4) if total else 0.0}
-                              for k, v in agg.items() if k not in wrappers), key=lambda r: -r["ms_per_call"]),
+            "events": sorted(
+                (
+                    {
+                        "name": k,
+                        "ms_per_call": round(v[0], 4),
+                        "count_per_call": v[1],
+                        "share": round(v[0] / total, 4) if total else 0.0,
+                    }
+                    for k, v in agg.items()
+                    if k not in wrappers
+                ),
+                key=lambda r: -r["ms_per_call"],
+            ),
         }
     return phases
 
@@ -81,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     result = profile(args.pte, args.prefill, args.steps)
     for phase, data in result.items():
-        print(f"{phase}: {data['ms_per_call']} ms per call, {data['xnnpack_delegate_calls']} XNNPACK delegate "
-              f"calls ({100 * data['xnnpack_share']:.1f}% of the time), the rest portable/custom operators:")
+        print(
+            f"{phase}: {data['ms_per_call']} ms per call, {data['xnnpack_delegate_calls']} XNNPACK delegate "
+            f"calls ({100 * data['xnnpack_share']:.1f}% of the time), the rest portable/custom operators:"
+        )
         for e in data["events"][:12]:
             print(f"  {e['ms_per_call']:9.3f} ms  x{e['count_per_call']:<3} {100 * e['share']:5.1f}%  {e['name']}")
     if args.out:

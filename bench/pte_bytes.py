@@ -42,8 +42,6 @@ def _xnn_payload_parts(payload_head: bytes) -> tuple[int, int, int, int] | None:
 
 
 @dataclass(frozen=True)
-
-
 class PteBytes:
     weight_bytes: int  # what a decode step streams: delegated named data + inline + other constants
     named_data_bytes: int
@@ -96,7 +94,7 @@ def pte_method_bytes(pte: Path, method: str = "text_decoder") -> PteBytes:
             else:
                 data = bytes(program.backend_delegate_data[delegate.processed.index].data)
                 parts = _xnn_payload_parts(data[:30])
-                fb = data if parts is None else data[parts[0]: parts[0] + parts[1]]
+                fb = data if parts is None else data[parts[0] : parts[0] + parts[1]]
                 inline += 0 if parts is None else parts[3]
             keys.update(k for k in segment_of_key if k.encode() in fb)
 

@@ -67,8 +67,10 @@ def add_bandwidth_fields(row: dict, bandwidth_gb_s: float, cache_bytes: int | No
         return row
     if cache_bytes:
         row["weights_fit_in_cache"] = weights + per_pos * (row.get("decode_mean_context") or 0) <= cache_bytes
-    for prefix, ctx_key, rate_key in (("", "decode_mean_context", "decode_tok_s"),
-                                       ("text_", "text_decode_mean_context", "text_decode_tok_s")):
+    for prefix, ctx_key, rate_key in (
+        ("", "decode_mean_context", "decode_tok_s"),
+        ("text_", "text_decode_mean_context", "text_decode_tok_s"),
+    ):
         ctx = row.get(ctx_key)
         if ctx is None:
             continue
@@ -106,11 +108,12 @@ def merge_processes(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         values = [r.get(key) for r in runs]
         if isinstance(value, (int, float)) and not isinstance(value, bool) and len(runs) > 1:
-            if None in values:
+            numbers = [v for v in values if v is not None]
+            if len(numbers) < len(values):
                 out[key] = None
-            elif all(isinstance(v, int) for v in values):  # counts stay counts
-                out[key] = statistics.median_low(values)
+            elif all(isinstance(v, int) for v in numbers):  # counts stay counts
+                out[key] = statistics.median_low(numbers)
             else:
-                out[key] = round(median(values), 5)
+                out[key] = round(median(numbers), 5)
     out["processes"] = len(runs)
     return out

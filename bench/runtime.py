@@ -51,8 +51,6 @@ _CASES = "bench.runtime_cases"  # the functions measure.isolated runs, one proce
 
 
 @dataclass(frozen=True)
-
-
 class PteCase:
     label: str
     pte: Path
@@ -108,17 +106,38 @@ def _log(message: str) -> None:
     print(f"[bench runtime] {message}", file=sys.stderr, flush=True)
 
 
-_ET_PREIMPORT = ("torch", "executorch.extension.llm.runner", "executorch.extension.pybindings.portable_lib",
-                 "llava_pipeline.runner", "llava_pipeline.chat")
-_HF_PREIMPORT = ("torch", "transformers", "transformers.models.llava.modeling_llava", "PIL.Image",
-                 "llava_pipeline.image")
+_ET_PREIMPORT = (
+    "torch",
+    "executorch.extension.llm.runner",
+    "executorch.extension.pybindings.portable_lib",
+    "llava_pipeline.runner",
+    "llava_pipeline.chat",
+)
+_HF_PREIMPORT = (
+    "torch",
+    "transformers",
+    "transformers.models.llava.modeling_llava",
+    "PIL.Image",
+    "llava_pipeline.image",
+)
 
 
-def measure_all(ptes: Iterable, checkpoint: Path, image: Path, prompt: str = DEFAULT_QUESTION, *,
-                tokenizer: Path | None = None, decode_tokens: int = 32, threads: int = 2,
-                engines: Sequence[str] = ENGINES, hf_dtypes: Sequence[str] = HF_DTYPES, repeats: int = 3,
-                bandwidth_gib: float = 1.0, processes: int | dict[str, int] = 1,
-                isolated=measure.isolated) -> dict:
+def measure_all(
+    ptes: Iterable,
+    checkpoint: Path,
+    image: Path,
+    prompt: str = DEFAULT_QUESTION,
+    *,
+    tokenizer: Path | None = None,
+    decode_tokens: int = 32,
+    threads: int = 2,
+    engines: Sequence[str] = ENGINES,
+    hf_dtypes: Sequence[str] = HF_DTYPES,
+    repeats: int = 3,
+    bandwidth_gib: float = 1.0,
+    processes: int | dict[str, int] = 1,
+    isolated=measure.isolated,
+) -> dict:
     """Every case, each in its own process; the JSON-able result (see the module docstring).
 
     ``ptes``: .pte paths, folders holding llava.pte, ``(label, path)`` pairs or PteCases.
@@ -148,8 +167,7 @@ def measure_all(ptes: Iterable, checkpoint: Path, image: Path, prompt: str = DEF
         out = isolated(f"{_CASES}:{what.split()[0]}", kwargs, preimport=preimport, threads=threads)
         # other jobs on the machine make every timing slower and noisier
         out.update(load_avg_1m=load, machine_busy_before=busy)
-        _log(f"{what}: {time.perf_counter() - t0:.1f} s (before it: 1-minute load average {load}, "
-             f"cores busy {busy})")
+        _log(f"{what}: {time.perf_counter() - t0:.1f} s (before it: 1-minute load average {load}, cores busy {busy})")
         return out
 
     bandwidths = []
@@ -163,48 +181,79 @@ def measure_all(ptes: Iterable, checkpoint: Path, image: Path, prompt: str = DEF
         probe()
         counted = pte_method_bytes(case.pte)
         n = processes if isinstance(processes, int) else processes.get(case.label, 1)
-        r = merge_processes([run(f"executorch_runner_case {case.label}",
-                                 dict(pte=str(case.pte), tokenizer=str(case.tokenizer), image=str(image),
-                                      question=prompt, **common), _ET_PREIMPORT) for _ in range(n)])
-        m = merge_processes([run(f"executorch_methods_case {case.label}",
-                                 dict(pte=str(case.pte), image=str(image), **common),
-                                 _ET_PREIMPORT + ("executorch.runtime",)) for _ in range(n)])
+        r = merge_processes(
+            [
+                run(
+                    f"executorch_runner_case {case.label}",
+                    dict(pte=str(case.pte), tokenizer=str(case.tokenizer), image=str(image), question=prompt, **common),
+                    _ET_PREIMPORT,
+                )
+                for _ in range(n)
+            ]
+        )
+        m = merge_processes(
+            [
+                run(
+                    f"executorch_methods_case {case.label}",
+                    dict(pte=str(case.pte), image=str(image), **common),
+                    _ET_PREIMPORT + ("executorch.runtime",),
+                )
+                for _ in range(n)
+            ]
+        )
         ids[("executorch", case.label)] = r.pop("prompt_ids")
         m.pop("processes")
-        row = {"engine": "executorch", "variant": case.label, "pte": _shown(case.pte),
-               "pte_bytes": case.pte.stat().st_size, **r,
-               **{f"methods_{k}": m.pop(k) for k in ("rss_base_mb", "rss_peak_mb", "rss_above_base_mb",
-                                                      "load_avg_1m", "machine_busy_before")}, **m,
-               "weight_bytes_per_token": counted.weight_bytes,
-               "weight_bytes_detail": {"named_data": counted.named_data_bytes,
-                                       "inline_delegate_constants": counted.inline_constant_bytes,
-                                       "other_constants": counted.other_constant_bytes,
-                                       "position_tables_left_out": counted.position_table_bytes,
-                                       "delegates": counted.delegates,
-                                       "backends": list(counted.backends)},
-               "kv_bytes_per_position": counted.kv_bytes_per_position,
-               "kv_buffers": counted.kv_buffers}
+        row = {
+            "engine": "executorch",
+            "variant": case.label,
+            "pte": _shown(case.pte),
+            "pte_bytes": case.pte.stat().st_size,
+            **r,
+            **{
+                f"methods_{k}": m.pop(k)
+                for k in ("rss_base_mb", "rss_peak_mb", "rss_above_base_mb", "load_avg_1m", "machine_busy_before")
+            },
+            **m,
+            "weight_bytes_per_token": counted.weight_bytes,
+            "weight_bytes_detail": {
+                "named_data": counted.named_data_bytes,
+                "inline_delegate_constants": counted.inline_constant_bytes,
+                "other_constants": counted.other_constant_bytes,
+                "position_tables_left_out": counted.position_table_bytes,
+                "delegates": counted.delegates,
+                "backends": list(counted.backends),
+            },
+            "kv_bytes_per_position": counted.kv_bytes_per_position,
+            "kv_buffers": counted.kv_buffers,
+        }
         rows.append(row)
     if "transformers" in engines:
         for dtype in hf_dtypes:
             probe()
-            r = run(f"transformers_case {dtype}", dict(checkpoint=str(checkpoint), image=str(image),
-                                                        question=prompt, dtype=dtype, **common), _HF_PREIMPORT)
+            r = run(
+                f"transformers_case {dtype}",
+                dict(checkpoint=str(checkpoint), image=str(image), question=prompt, dtype=dtype, **common),
+                _HF_PREIMPORT,
+            )
             ids[("transformers", dtype)] = r.pop("prompt_ids")
             rows.append({"engine": "transformers", "variant": dtype, **r})
     probe()
     best = max(bandwidths, key=lambda b: b["bandwidth_gb_s"])
     bw = {k: best[k] for k in ("bandwidth_by_kernel_gb_s", "bandwidth_bytes", "bandwidth_threads")}
-    bw.update(bandwidth_probe_gb_s=best["bandwidth_gb_s"], bandwidth_load_avg_1m=best["load_avg_1m"],
-              bandwidth_machine_busy_before=best["machine_busy_before"],
-              bandwidth_runs_gb_s=[b["bandwidth_gb_s"] for b in bandwidths])
+    bw.update(
+        bandwidth_probe_gb_s=best["bandwidth_gb_s"],
+        bandwidth_load_avg_1m=best["load_avg_1m"],
+        bandwidth_machine_busy_before=best["machine_busy_before"],
+        bandwidth_runs_gb_s=[b["bandwidth_gb_s"] for b in bandwidths],
+    )
     rows = [add_bandwidth_fields(row, best["bandwidth_gb_s"], llc) for row in rows]
     bw["bandwidth_gb_s"], bw["bandwidth_reached_by"] = machine_bandwidth(bw["bandwidth_runs_gb_s"], rows)
     rows = [add_bandwidth_fields(row, bw["bandwidth_gb_s"], llc) for row in rows]
     reference = next((v for k, v in ids.items() if k[0] == "executorch"), None)
     for row in rows:
-        row["prompt_ids_match_executorch"] = (None if reference is None
-                                              else ids[(row["engine"], row["variant"])] == reference)
+        row["prompt_ids_match_executorch"] = (
+            None if reference is None else ids[(row["engine"], row["variant"])] == reference
+        )
     return {
         "kind": "runtime",
         "threads": threads,
@@ -240,10 +289,15 @@ class _PteAction(argparse.Action):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {_MODULE}", description=__doc__.split("\n")[0])
     p.set_defaults(ptes=[])
-    p.add_argument("--pte", action=_PteAction, dest="ptes",
-                   help="a .pte (or a folder holding llava.pte); repeat for several")
-    p.add_argument("--label", action=_PteAction, dest="ptes",
-                   help="names the --pte just before it (default: its pipeline's quant scheme, none = fp32)")
+    p.add_argument(
+        "--pte", action=_PteAction, dest="ptes", help="a .pte (or a folder holding llava.pte); repeat for several"
+    )
+    p.add_argument(
+        "--label",
+        action=_PteAction,
+        dest="ptes",
+        help="names the --pte just before it (default: its pipeline's quant scheme, none = fp32)",
+    )
     p.add_argument("--tokenizer", type=Path, help="tokenizer.bin for every .pte (default: beside each)")
     p.add_argument("--checkpoint", type=Path, required=True, help="the HF checkpoint folder (outputs/download)")
     p.add_argument("--image", type=Path, required=True)
@@ -255,8 +309,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--hf-dtypes", default=",".join(HF_DTYPES))
     p.add_argument("--bandwidth-gib", type=float, default=1.0)
-    p.add_argument("--processes", type=int, default=1,
-                   help="processes per ExecuTorch case; numbers are medians over them")
+    p.add_argument(
+        "--processes", type=int, default=1, help="processes per ExecuTorch case; numbers are medians over them"
+    )
     return p.parse_args(argv)
 
 
@@ -268,10 +323,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = measure_all(
-            [(label, pte) if label else pte for pte, label in args.ptes], args.checkpoint, args.image, args.prompt,
-            tokenizer=args.tokenizer, decode_tokens=args.decode_tokens, threads=args.threads, engines=engines,
-            hf_dtypes=tuple(d for d in args.hf_dtypes.split(",") if d), repeats=args.repeats,
-            bandwidth_gib=args.bandwidth_gib, processes=args.processes,
+            [(label, pte) if label else pte for pte, label in args.ptes],
+            args.checkpoint,
+            args.image,
+            args.prompt,
+            tokenizer=args.tokenizer,
+            decode_tokens=args.decode_tokens,
+            threads=args.threads,
+            engines=engines,
+            hf_dtypes=tuple(d for d in args.hf_dtypes.split(",") if d),
+            repeats=args.repeats,
+            bandwidth_gib=args.bandwidth_gib,
+            processes=args.processes,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -74,10 +74,16 @@ def bandwidth_case(threads: int, gib: float = 1.0, repeats: int = 5) -> dict:
     torch.set_num_threads(threads)
     n = int(gib * (1 << 30)) // 4
     x = torch.ones(n, dtype=torch.float32)
-    by_kernel = {name: round(n * 4 / min(_timed(lambda: float(fn(x)), max(1, repeats))) / 1e9, 2)
-                 for name, fn in (("sum", torch.sum), ("amax", torch.amax))}
-    return {"bandwidth_gb_s": max(by_kernel.values()), "bandwidth_by_kernel_gb_s": by_kernel,
-            "bandwidth_bytes": n * 4, "bandwidth_threads": torch.get_num_threads()}
+    by_kernel = {
+        name: round(n * 4 / min(_timed(lambda: float(fn(x)), max(1, repeats))) / 1e9, 2)
+        for name, fn in (("sum", torch.sum), ("amax", torch.amax))
+    }
+    return {
+        "bandwidth_gb_s": max(by_kernel.values()),
+        "bandwidth_by_kernel_gb_s": by_kernel,
+        "bandwidth_bytes": n * 4,
+        "bandwidth_threads": torch.get_num_threads(),
+    }
 
 
 def _set_et_threads(threads: int) -> int:
@@ -95,8 +101,9 @@ def _xnnpack_registered() -> bool:
     return "XnnpackBackend" in list(_C._get_registered_backend_names())
 
 
-def executorch_runner_case(pte: str, tokenizer: str, image: str, question: str, decode_tokens: int,
-                           threads: int, repeats: int) -> dict:
+def executorch_runner_case(
+    pte: str, tokenizer: str, image: str, question: str, decode_tokens: int, threads: int, repeats: int
+) -> dict:
     """The MultimodalRunner, timed as ``python -m llava_pipeline.run`` times it."""
     # Imported in the case, not at the top: see the module docstring.
     from llava_pipeline.chat import Chat
@@ -121,13 +128,16 @@ def executorch_runner_case(pte: str, tokenizer: str, image: str, question: str, 
             turns.append(chat.first_turn(before, pixels, after, on_text=None))
     turns = turns[1:]
     steps = turns[0].tokens - 1
-    image_s = median([t.image_s for t in turns])
+    # text after <image> (checked above): every first turn prefilled the image on its own
+    image_times = [t.image_s for t in turns if t.image_s is not None]
+    assert len(image_times) == len(turns), "a first turn without a separate image prefill"
+    image_s = median(image_times)
     text_s = median([t.prefill_s for t in turns])
     prompt_len = len(before) + meta.image_tokens + len(after)
     return {
         "image_encode_s": round(image_s, 5),
         "text_prompt_s": round(text_s, 5),
-        "prefill_s": round(median([t.image_s + t.prefill_s for t in turns]), 5),
+        "prefill_s": round(median([i + t.prefill_s for i, t in zip(image_times, turns)]), 5),
         "prompt_tokens": len(before) + len(after),
         "image_tokens": meta.image_tokens,
         "prompt_ids": [*before, -1, *after],
@@ -163,17 +173,19 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
         decoder = program.load_method("text_decoder")
     n = TEXT_PREFILL_TOKENS
     if meta.max_context_len < n + 1:
-        raise ValueError(f"{pte}: a context of {meta.max_context_len} positions has no room for the {n}-token "
-                         "prefill and a decode step (export with a larger export.max_seq_len)")
+        raise ValueError(
+            f"{pte}: a context of {meta.max_context_len} positions has no room for the {n}-token "
+            "prefill and a decode step (export with a larger export.max_seq_len)"
+        )
     ids = torch.tensor([seeded_ids(n, meta.vocab_size)], dtype=torch.long)
     chunk = meta.max_seq_len
-    embeds = torch.cat([embed.execute([ids[:, i: i + chunk]])[0].clone() for i in range(0, n, chunk)], dim=1)
+    embeds = torch.cat([embed.execute([ids[:, i : i + chunk]])[0].clone() for i in range(0, n, chunk)], dim=1)
     steps = max(0, min(decode_tokens, meta.max_context_len - n))
 
     def prefill():
         out = None
         for i in range(0, n, chunk):
-            out = decoder.execute([embeds[:, i: i + chunk], torch.tensor([i], dtype=torch.long)])[0]
+            out = decoder.execute([embeds[:, i : i + chunk], torch.tensor([i], dtype=torch.long)])[0]
         return out
 
     prefill_s, decode_s = [], []
@@ -197,8 +209,7 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
         pixels = pixels.float()
     vision_s = _timed(lambda: vision.execute([pixels]), repeats)
     return {
-        "text_rss_above_base_mb": (None if measure.baseline_mb is None
-                                   else round(text_peak - measure.baseline_mb, 1)),
+        "text_rss_above_base_mb": (None if measure.baseline_mb is None else round(text_peak - measure.baseline_mb, 1)),
         "vision_encoder_s": round(median(vision_s), 5),
         "text_prefill600_s": round(median(prefill_s[1:]), 5),
         "text_prefill_chunk": chunk,
@@ -210,8 +221,9 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
     }
 
 
-def transformers_case(checkpoint: str, image: str, question: str, dtype: str, decode_tokens: int,
-                      threads: int, repeats: int) -> dict:
+def transformers_case(
+    checkpoint: str, image: str, question: str, dtype: str, decode_tokens: int, threads: int, repeats: int
+) -> dict:
     """transformers eager: image features, image+prompt prefill, greedy decode; then the
     text model alone on the 600 seeded ids."""
     import torch
@@ -252,8 +264,13 @@ def transformers_case(checkpoint: str, image: str, question: str, dtype: str, de
             model.get_image_features(pixel_values=pixel_values)
             image_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=inputs["attention_mask"],
-                        use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=inputs["attention_mask"],
+                use_cache=True,
+                logits_to_keep=1,
+            )
             prefill_s.append(time.perf_counter() - t0)
             decode_s.append(decode(out.logits, out.cache, prompt_len, decode_tokens - 1))
             del out
@@ -305,7 +322,8 @@ def _collapse(ids: list[int], image_id: int) -> list[int]:
 
 def _median_rate(rates: list[float | None]) -> float | None:
     """Median of per-run rates, None if a run had none (an EOS as the first answer token)."""
-    return None if None in rates else round(median(rates), 3)
+    numbers = [r for r in rates if r is not None]
+    return None if len(numbers) < len(rates) else round(median(numbers), 3)
 
 
 def _round(x: float | None, digits: int) -> float | None:

@@ -87,8 +87,14 @@ class Chat:
         return turn
 
     def _answer(self, inputs: list, on_text) -> Turn:
-        gen = self.runner.generate(inputs, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                   num_bos=0, seq_len=self.seq_len, on_text=on_text)
+        gen = self.runner.generate(
+            inputs,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            num_bos=0,
+            seq_len=self.seq_len,
+            on_text=on_text,
+        )
         if gen.stop == "eos":
             self.pending = [gen.eos_id]
         elif gen.stop == "max_new_tokens" and gen.pending_id is not None:

@@ -65,7 +65,7 @@ def split_key(hf_key: str) -> tuple[str, str]:
     """(component: text | lm_head | vision | projector, the name inside it) of a checkpoint key."""
     for prefix in sorted(KEY_PREFIXES, key=len, reverse=True):
         if hf_key.startswith(prefix):
-            return KEY_PREFIXES[prefix], hf_key[len(prefix):]
+            return KEY_PREFIXES[prefix], hf_key[len(prefix) :]
     raise ValueError(f"unexpected checkpoint key {hf_key!r}: not a LLaVA component")
 
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Sequence, get_type_hints
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -23,24 +23,21 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    """A closed set of strings as an enum whose members' names are their values (so that
-    OmegaConf, which matches enum members by name, accepts the plain strings)."""
-    return StrEnum(name, {v: v for v in values})  # type: ignore[return-value]
-
+# Each closed set of strings is an enum whose members' names are their values (OmegaConf
+# matches enum members by name, so it accepts the plain strings). Written out in the functional
+# form, with a literal mapping, so that the type checker sees each as a class.
 
 # The text decoder's linears (see quantize.py): fp32, int4 or int8 weights with int8 dynamic
 # activations. group_size 0 means one scale per output channel.
-QuantScheme = _choices("QuantScheme", ("none", "8da4w", "8da8w"))
-KvCache = _choices("KvCache", ("fp32", "int8"))
+QuantScheme = StrEnum("QuantScheme", {"none": "none", "8da4w": "8da4w", "8da8w": "8da8w"})
+KvCache = StrEnum("KvCache", {"fp32": "fp32", "int8": "int8"})
 # How int4/int8 scales are chosen: HQQ (scale-only, ExecuTorch's default; ~10 s per 45M-weight
 # linear on 2 cores) or plain per-group min/max ("affine", ~0.3 s, same format and speed).
-QParams = _choices("QParams", ("hqq", "affine"))
+QParams = StrEnum("QParams", {"hqq": "hqq", "affine": "affine"})
 # The vision tower + projector: fp32, or int8 per-channel weights with dynamic int8 activations
 # (ExecuTorch's own LLaVA example quantizes its image encoder to int8 as well).
-VisionScheme = _choices("VisionScheme", ("none", "8da8w"))
-ReferenceDtype = _choices("ReferenceDtype", ("float32", "bfloat16"))
+VisionScheme = StrEnum("VisionScheme", {"none": "none", "8da8w": "8da8w"})
+ReferenceDtype = StrEnum("ReferenceDtype", {"float32": "float32", "bfloat16": "bfloat16"})
 
 QUANT_SCHEMES = tuple(QuantScheme)
 KV_CACHES = tuple(KvCache)
@@ -165,7 +162,7 @@ _UNKNOWN = {"quant.scheme": "unknown scheme"}
 def _one_line(e: OmegaConfBaseException) -> ConfigError:
     """OmegaConf's multi-line error as one line naming the key and, where they are few, the
     allowed keys or values."""
-    key, msg = e.full_key, str(e.msg).splitlines()[0]
+    key, msg = e.full_key or "", str(e.msg).splitlines()[0]
     if re.match(r"Key '.*' not in ", msg):
         parts = key.split(".")
         cls = PipelineConfig if len(parts) == 1 else _SECTIONS.get(parts[0]) if len(parts) == 2 else None
@@ -190,9 +187,11 @@ def _structured(data: dict) -> DictConfig:
         if raw is not None and not isinstance(raw, dict) and name in _SECTIONS:
             raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
     try:
-        return OmegaConf.merge(_schema(), {k: v for k, v in data.items() if v is not None})
+        merged = OmegaConf.merge(_schema(), {k: v for k, v in data.items() if v is not None})
     except OmegaConfBaseException as e:
         raise _one_line(e) from None
+    assert isinstance(merged, DictConfig)  # merged into the structured schema, a mapping
+    return merged
 
 
 def _to_object(cfg: DictConfig) -> PipelineConfig:
@@ -214,15 +213,16 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     """Model-independent checks; raises ConfigError naming the key and allowed values."""
     q = cfg.quant
     if q.group_size < 0:
-        raise ConfigError(f"quant.group_size: must be 0 (per output channel) or a positive group size, "
-                          f"got {q.group_size}")
-    if q.scheme == "8da8w" and q.group_size:
-        raise ConfigError(f"quant.group_size={q.group_size}: quant.scheme=8da8w has int8 weights per output "
-                          "channel only (XNNPACK has no blockwise int8 kernel); set quant.group_size=0")
-    if q.embedding_bits not in EMBEDDING_BITS:
         raise ConfigError(
-            f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)"
+            f"quant.group_size: must be 0 (per output channel) or a positive group size, got {q.group_size}"
         )
+    if q.scheme == "8da8w" and q.group_size:
+        raise ConfigError(
+            f"quant.group_size={q.group_size}: quant.scheme=8da8w has int8 weights per output "
+            "channel only (XNNPACK has no blockwise int8 kernel); set quant.group_size=0"
+        )
+    if q.embedding_bits not in EMBEDDING_BITS:
+        raise ConfigError(f"quant.embedding_bits: got {q.embedding_bits!r} (allowed: 8, none)")
     if cfg.export.max_seq_len < 2:
         raise ConfigError(f"export.max_seq_len: must be at least 2, got {cfg.export.max_seq_len}")
     src = cfg.model.source
@@ -321,7 +321,9 @@ def _overridden(data: dict, overrides: list[str], conf_dir: Path | None) -> Dict
                 if not group_file.is_file():
                     options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
                     raise ConfigError(f"{key}: unknown option {value!r} (allowed: {', '.join(options)})")
-                cfg = OmegaConf.merge(cfg, yaml.safe_load(group_file.read_text()) or {})
+                merged = OmegaConf.merge(cfg, yaml.safe_load(group_file.read_text()) or {})
+                assert isinstance(merged, DictConfig)  # merged into the structured schema, a mapping
+                cfg = merged
             else:
                 OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:
@@ -329,7 +331,7 @@ def _overridden(data: dict, overrides: list[str], conf_dir: Path | None) -> Dict
     return cfg
 
 
-def load(params_file: Path, overrides: list[str] = (), conf_dir: Path | None = None) -> PipelineConfig:
+def load(params_file: Path, overrides: Sequence[str] = (), conf_dir: Path | None = None) -> PipelineConfig:
     """Read params.yaml, apply overrides, type-check and validate."""
     if not params_file.is_file():
         raise ConfigError(f"{params_file}: parameters file not found")

@@ -28,8 +28,12 @@ from llava_pipeline.checkpoint_files import safetensors_files, split_key
 from llava_pipeline.model import LlavaModel, ModelArgs, model_args_from_hf_config
 
 # Component -> the prefix used when naming a missing key (the hub checkpoint's spelling).
-_HUB_PREFIX = {"text": "language_model.model.", "lm_head": "language_model.lm_head.",
-               "vision": "vision_tower.vision_model.", "projector": "multi_modal_projector."}
+_HUB_PREFIX = {
+    "text": "language_model.model.",
+    "lm_head": "language_model.lm_head.",
+    "vision": "vision_tower.vision_model.",
+    "projector": "multi_modal_projector.",
+}
 
 _TEXT = {"embed_tokens.weight": "token_embedding.weight", "norm.weight": "text_decoder.norm.weight"}
 _TEXT_LAYER = {  # text_decoder.layers.{i}.<ours>  <-  layers.{i}.<hf>
@@ -53,8 +57,16 @@ _VISION = {
 }
 _VISION_LAYER = [  # same names on both sides: vision_encoder.layers.{i}.<n> <- encoder.layers.{i}.<n>
     f"{m}.{p}"
-    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-              "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+    )
     for p in ("weight", "bias")
 ]
 _PROJECTOR = [f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
@@ -160,8 +172,9 @@ def _empty_model(args: ModelArgs, dtype: torch.dtype) -> LlavaModel:
     return model
 
 
-def renamed(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]],
-            shapes: Mapping[str, torch.Size]) -> Iterator[tuple[str, torch.Tensor]]:
+def renamed(
+    args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, torch.Size]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(our key, tensor) for each (HF key, tensor) the model uses, shape-checked against
     `shapes`; after the last one, raises KeyError naming a missing key."""
     mapper = KeyMapper(args)
@@ -170,8 +183,9 @@ def renamed(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]],
         if ours is None:
             continue
         if tensor.shape != shapes[ours]:
-            raise ValueError(f"checkpoint key {hf_key!r}: shape {list(tensor.shape)}, "
-                             f"expected {list(shapes[ours])} for {ours}")
+            raise ValueError(
+                f"checkpoint key {hf_key!r}: shape {list(tensor.shape)}, expected {list(shapes[ours])} for {ours}"
+            )
         yield ours, tensor
     mapper.check_complete()
 
@@ -196,8 +210,9 @@ def load_checkpoint(ckpt_dir: Path, max_seq_len: int, dtype: torch.dtype = torch
     return _load_into(model, iter_safetensors(safetensors_files(ckpt_dir)))
 
 
-def from_hf_model(hf_model, max_seq_len: int, dtype: torch.dtype = torch.float32,
-                  image_mean=None, image_std=None) -> LlavaModel:
+def from_hf_model(
+    hf_model, max_seq_len: int, dtype: torch.dtype = torch.float32, image_mean=None, image_std=None
+) -> LlavaModel:
     """`LlavaModel` from an in-memory `LlavaForConditionalGeneration` (tests, tiny preset)."""
     extra = {k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
     args = model_args_from_hf_config(hf_model.config.to_dict(), max_seq_len, **extra)

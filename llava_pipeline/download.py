@@ -56,8 +56,9 @@ def check_checkpoint(folder: Path) -> dict:
     return cfg
 
 
-def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = None,
-                  vision_layers: int | None = None) -> None:
+def write_builtin(
+    out: Path, source: str, seed: int, text_layers: int | None = None, vision_layers: int | None = None
+) -> None:
     """A built-in LLaVA in HF format, like llava-hf/llava-1.5-7b-hf.
 
     builtin:tiny: the small checkpoint trained on the shapes task, committed in
@@ -69,13 +70,17 @@ def write_builtin(out: Path, source: str, seed: int, text_layers: int | None = N
     if source == "builtin:tiny":
         copy_local(BUILTIN_TINY, out, link=False)
     elif source == "builtin:tiny-random":
+        from transformers import CLIPVisionConfig, LlamaConfig
+
         from .tiny import make_tiny_llava, tiny_llava_config  # torch, transformers: random built-ins only
 
         config = tiny_llava_config()
+        text_config, vision_config = config.text_config, config.vision_config
+        assert isinstance(text_config, LlamaConfig) and isinstance(vision_config, CLIPVisionConfig)
         if text_layers is not None:
-            config.text_config.num_hidden_layers = text_layers
+            text_config.num_hidden_layers = text_layers
         if vision_layers is not None:
-            config.vision_config.num_hidden_layers = vision_layers
+            vision_config.num_hidden_layers = vision_layers
         model = make_tiny_llava(seed, config)
         model.save_pretrained(out)
         write_processor_files(out, model.config)
@@ -113,16 +118,12 @@ def copy_local(src: Path, out: Path, link: bool = True) -> None:
 def download_hub(repo_id: str, revision: str | None, out: Path) -> None:
     """snapshot_download of the checkpoint files at a pinned revision."""
     if not revision:
-        raise PipelineError(
-            f"model.revision: a hub source ({repo_id}) needs a pinned commit revision"
-        )
+        raise PipelineError(f"model.revision: a hub source ({repo_id}) needs a pinned commit revision")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = snapshot_download(
-            repo_id, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS)
-        )
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS))
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"

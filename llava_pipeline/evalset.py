@@ -77,15 +77,16 @@ def _folder(folder: Path):
             row = json.loads(line)
             name, question = str(row["image"]), str(row["question"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise PipelineError(f"{path}:{n}: expected {{\"image\": ..., \"question\": ...}} ({e})") from None
+            raise PipelineError(f'{path}:{n}: expected {{"image": ..., "question": ...}} ({e})') from None
         if name not in images:
             try:
                 images[name] = image_mod.load_image(folder / name)
             except Exception as e:
                 raise PipelineError(f"{path}:{n}: cannot read image {folder / name} ({e})") from None
         answer = row.get("answer")
-        items.append(EvalItem(name, str(row.get("type", "question")), question,
-                              None if answer is None else str(answer)))
+        items.append(
+            EvalItem(name, str(row.get("type", "question")), question, None if answer is None else str(answer))
+        )
     if not items:
         raise PipelineError(f"{path}: no questions")
     return items, images

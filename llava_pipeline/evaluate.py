@@ -50,8 +50,14 @@ class Answer:
     decode_s: float
 
 
-def runner_answers(pte: Path, tokenizer: Path, records: list[dict], pixels: dict[str, torch.Tensor],
-                   max_new_tokens: int, progress: Callable[[Iterable], Iterable] = iter) -> list[Answer]:
+def runner_answers(
+    pte: Path,
+    tokenizer: Path,
+    records: list[dict],
+    pixels: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> list[Answer]:
     """Greedy answers of ExecuTorch's MultimodalRunner, one per reference record."""
     with native_output_captured():
         runner = Runner(pte, tokenizer)
@@ -63,14 +69,27 @@ def runner_answers(pte: Path, tokenizer: Path, records: list[dict], pixels: dict
         pieces: list[str] = []
         with native_output_captured():
             turn = chat.first_turn(before, pixels[rec["image"]], after, pieces.append)
-        out.append(Answer("".join(pieces).strip(), turn.image_s or 0.0, turn.prefill_s, turn.prompt_tokens,
-                          turn.tokens, turn.decode_s))
+        out.append(
+            Answer(
+                "".join(pieces).strip(),
+                turn.image_s or 0.0,
+                turn.prefill_s,
+                turn.prompt_tokens,
+                turn.tokens,
+                turn.decode_s,
+            )
+        )
     del runner
     return out
 
 
-def teacher_forced(pte: Path, tokenizer: Path, records: list[dict], pixels: dict[str, torch.Tensor],
-                   progress: Callable[[Iterable], Iterable] = iter) -> list[torch.Tensor]:
+def teacher_forced(
+    pte: Path,
+    tokenizer: Path,
+    records: list[dict],
+    pixels: dict[str, torch.Tensor],
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> list[torch.Tensor]:
     """Per record, the .pte's log-probabilities [n_answer, V] at the reference answer's positions:
     the prompt prefilled as the runner does (text, image, text), then the reference answer fed
     one token at a time through the program's own methods."""
@@ -95,6 +114,7 @@ def teacher_forced(pte: Path, tokenizer: Path, records: list[dict], pixels: dict
         before, after = runner_prompt_token_segments(vocab, rec["question"])
         if rec["image"] != image:
             image, features = rec["image"], run("vision_encoder", pixels[rec["image"]].unsqueeze(0))
+        assert features is not None  # encoded at the first record (image starts as None)
         chunks = [run("token_embedding", torch.tensor([before])), features]
         if after:
             chunks.append(run("token_embedding", torch.tensor([after])))
@@ -125,8 +145,9 @@ def _share(hits: list[bool]) -> float:
     return round(sum(hits) / len(hits), 4) if hits else 0.0
 
 
-def quality_metrics(records: list[dict], answers: list[Answer], logps: list[torch.Tensor],
-                    method_bytes: dict[str, int]) -> dict:
+def quality_metrics(
+    records: list[dict], answers: list[Answer], logps: list[torch.Tensor], method_bytes: dict[str, int]
+) -> dict:
     """The deterministic metrics of the module docstring, as a flat-ish dict for DVC."""
     by_type: dict[str, list[bool]] = {}
     ref_by_type: dict[str, list[bool]] = {}
@@ -196,8 +217,10 @@ def summary(metrics: dict, speed: dict | None = None) -> str:
         acc = " ".join(f"{k} {v:.2f}" for k, v in metrics["accuracy"].items())
         ref = " ".join(f"{k} {v:.2f}" for k, v in metrics["ref_accuracy"].items())
         parts.append(f"accuracy {acc} (reference: {ref})")
-    parts.append(f"agreement {metrics['agreement']:.3f}, top-1 {metrics['top1']:.3f}, KL {metrics['kl']:.5f}, "
-                 f"ppl {metrics['ppl']:.3f} (ref {metrics['ref_ppl']:.3f}) over {metrics['items']} questions")
+    parts.append(
+        f"agreement {metrics['agreement']:.3f}, top-1 {metrics['top1']:.3f}, KL {metrics['kl']:.5f}, "
+        f"ppl {metrics['ppl']:.3f} (ref {metrics['ref_ppl']:.3f}) over {metrics['items']} questions"
+    )
     parts.append(f".pte {sum(metrics['size_mb'].values()):.1f} MiB")
     if speed and speed.get("decode_tok_s"):
         parts.append(f"image {speed['image_encode_s'] * 1000:.0f} ms, decode {speed['decode_tok_s']:.0f} tok/s")

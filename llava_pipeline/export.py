@@ -46,8 +46,11 @@ def dynamic_shapes(args) -> dict:
     # The picture as ExecuTorch's llava_main decodes it (runner_image.py): any channel count
     # stb gives, any size up to the model's.
     side = args.vision.image_size
-    image = {1: Dim("channels", min=1, max=MAX_CHANNELS), 2: Dim("height", min=1, max=side),
-             3: Dim("width", min=1, max=side)}
+    image = {
+        1: Dim("channels", min=1, max=MAX_CHANNELS),
+        2: Dim("height", min=1, max=side),
+        3: Dim("width", min=1, max=side),
+    }
     return {
         "vision_encoder": (image,),
         "token_embedding": ({1: seq},),
@@ -69,9 +72,7 @@ def export_methods(model, args) -> dict[str, ExportedProgram]:
     with torch.no_grad():
         for name in METHODS:
             module = getattr(model, name).eval()
-            programs[name] = torch.export.export(
-                module, inputs[name], dynamic_shapes=shapes[name], strict=False
-            )
+            programs[name] = torch.export.export(module, inputs[name], dynamic_shapes=shapes[name], strict=False)
     return programs
 
 
@@ -144,7 +145,7 @@ def delegation_summary(edge) -> dict:
     summary = {}
     for name in edge.methods:
         gm = edge.exported_program(name).graph_module
-        ops = Counter()
+        ops: Counter[str] = Counter()
         delegates = 0
         for node in gm.graph.nodes:
             if node.op != "call_function":

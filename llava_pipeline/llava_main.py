@@ -18,8 +18,10 @@ from PIL import Image
 
 from llava_pipeline.image import to_rgb
 
-PRESET = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the human's questions. USER: ")  # main.cpp's kPresetPrompt
+PRESET = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. USER: "
+)  # main.cpp's kPresetPrompt
 # Pillow's filter standing in for stb's `stbir_resize_uint8` (stb picks Mitchell to shrink and
 # Catmull-Rom to enlarge; Pillow has no Mitchell, and its BICUBIC is Catmull-Rom).
 STB_STAND_IN = Image.Resampling.BICUBIC
@@ -44,7 +46,7 @@ def llava_main_pixels(path: str | Path, size: int = 336) -> np.ndarray:
     to `int(edge * size / longest)`. No EXIF rotation: stb ignores it."""
     with Image.open(path) as opened:
         opened.load()
-        picture = opened
+        picture: Image.Image = opened
         if picture.mode not in _STB_MODES:
             has_alpha = "A" in picture.getbands() or picture.info.get("transparency") is not None
             picture = picture.convert("RGBA" if has_alpha else "RGB")

@@ -34,5 +34,9 @@ def machine() -> dict:
     import psutil
 
     cpu = _cpuinfo("model name") or platform.processor() or "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "isa": isa_flags()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "isa": isa_flags(),
+    }

@@ -126,6 +126,14 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
+def _integer(key: str, value: object, expected: str = "an integer") -> int:
+    """`value` if it is an int (not a bool), else ValueError naming `key`: transformers lets
+    null and [h, w] pairs through for some fields this model reads as one integer."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}: expected {expected}, got {value!r}")
+    return value
+
+
 def model_args_from_hf_config(
     cfg: dict,
     max_seq_len: int,
@@ -136,7 +144,7 @@ def model_args_from_hf_config(
     7B config relies on `LlamaConfig`/`CLIPVisionConfig` defaults). Raises ValueError naming
     the key for anything this model does not implement. `image_mean`/`image_std` come from
     `preprocessor_config.json`."""
-    from transformers import LlavaConfig  # heavy import; only config parsing needs it
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # heavy; only config parsing needs it
 
     if cfg.get("model_type") != "llava":
         raise ValueError(f"model_type: expected 'llava', got {cfg.get('model_type')!r}")
@@ -162,6 +170,8 @@ def model_args_from_hf_config(
     except Exception as e:  # transformers' strict validation errors name the field
         raise ValueError(f"config.json rejected by transformers: {e}") from e
     v, t = hf.vision_config, hf.text_config
+    # model_type was checked above, so transformers built these two classes from the dicts.
+    assert isinstance(v, CLIPVisionConfig) and isinstance(t, LlamaConfig), (type(v), type(t))
     rope = t.rope_parameters or {}
     checks = {
         "text_config.rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
@@ -179,16 +189,20 @@ def model_args_from_hf_config(
         raise ValueError(
             f"text_config.max_position_embeddings: {t.max_position_embeddings} < max_seq_len {max_seq_len}"
         )
+    rope_theta = rope.get("rope_theta", 10000.0)
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)):
+        raise ValueError(f"text_config.rope_theta: expected a number, got {rope_theta!r}")
+    square = "one integer (square images only)"
     vision = VisionArgs(
         hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size,
         num_layers=v.num_hidden_layers,
         num_heads=v.num_attention_heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
+        image_size=_integer("vision_config.image_size", v.image_size, square),
+        patch_size=_integer("vision_config.patch_size", v.patch_size, square),
         num_channels=v.num_channels,
         layer_norm_eps=v.layer_norm_eps,
-        feature_layer=hf.vision_feature_layer,
+        feature_layer=_integer("vision_feature_layer", hf.vision_feature_layer),
         select_strategy=hf.vision_feature_select_strategy,
         image_mean=tuple(float(x) for x in image_mean),
         image_std=tuple(float(x) for x in image_std),
@@ -199,15 +213,16 @@ def model_args_from_hf_config(
         intermediate_size=t.intermediate_size,
         num_layers=t.num_hidden_layers,
         num_heads=t.num_attention_heads,
-        num_kv_heads=t.num_key_value_heads,
-        head_dim=t.head_dim,
+        num_kv_heads=_integer("text_config.num_key_value_heads", t.num_key_value_heads),
+        head_dim=_integer("text_config.head_dim", t.head_dim),
         max_seq_len=max_seq_len,
         rms_norm_eps=t.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        bos_token_id=t.bos_token_id,
+        rope_theta=float(rope_theta),
+        bos_token_id=_integer("text_config.bos_token_id", t.bos_token_id),
         eos_token_ids=_eos_ids(t.eos_token_id),
     )
-    return ModelArgs(vision, text, hf.image_token_index, bool(hf.multimodal_projector_bias))
+    image_token = _integer("image_token_index (image_token_id)", hf.image_token_index)
+    return ModelArgs(vision, text, image_token, bool(hf.multimodal_projector_bias))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +289,9 @@ class VisionEncoder(nn.Module):
     """uint8 image [1, C, H, W] as ExecuTorch's runners send it (C 1..4, H and W 1..image_size;
     see runner_image.py) -> projected image tokens [1, N_img, D_text]."""
 
+    mean: torch.Tensor  # buffers (register_buffer): typed here for the checker
+    std: torch.Tensor
+
     def __init__(self, a: VisionArgs, text_dim: int, projector_bias: bool = True):
         super().__init__()
         self.args = a
@@ -332,6 +350,9 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """cos/sin tables [max_seq_len, head_dim] in HF Llama's half-split layout."""
 
+    cos: torch.Tensor  # buffers (register_buffer): typed here for the checker
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
@@ -363,6 +384,9 @@ class KVCache(nn.Module):
     [B, S, H, D] is the layout of `llama.update_cache`/`llama.custom_sdpa`, so the plain and
     custom-op pieces can be swapped over the same buffers. `forward(input_pos, k, v)` writes
     k/v [1, S, H_kv, D] at positions input_pos[0] .. +S-1 and returns the whole caches."""
+
+    k_cache: torch.Tensor  # buffers (register_buffer): typed here for the checker
+    v_cache: torch.Tensor
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor):
         super().__init__()
@@ -484,8 +508,9 @@ class LlavaModel(nn.Module):
         """Recompute every non-learned buffer and zero the KV caches: the step that makes a
         model built on the meta device and `to_empty`-ed usable."""
         for m in self.modules():
-            if m is not self and hasattr(m, "reset_buffers"):
-                m.reset_buffers()
+            reset = getattr(m, "reset_buffers", None)
+            if m is not self and callable(reset):
+                reset()
 
 
 def load_units(model: LlavaModel) -> list[str]:
@@ -493,5 +518,10 @@ def load_units(model: LlavaModel) -> list[str]:
     the lm_head, the token embedding, and the rest. At 7B the largest is one layer's
     ~0.8 GB of fp32 weights (or the 0.5 GB embedding table)."""
     n = model.args.text.num_layers
-    return ["vision_encoder", "token_embedding", *(f"text_decoder.layers.{i}" for i in range(n)),
-            "text_decoder.norm", "text_decoder.output"]
+    return [
+        "vision_encoder",
+        "token_embedding",
+        *(f"text_decoder.layers.{i}" for i in range(n)),
+        "text_decoder.norm",
+        "text_decoder.output",
+    ]

@@ -54,8 +54,13 @@ def hf_model_args(ckpt: Path, max_seq_len: int) -> ModelArgs:
     return args
 
 
-def write_transformed(ckpt: Path, max_seq_len: int, out: Path, shard_bytes: int = SHARD_BYTES,
-                      transforms: tuple[str, ...] = SOURCE_TRANSFORMS) -> ModelArgs:
+def write_transformed(
+    ckpt: Path,
+    max_seq_len: int,
+    out: Path,
+    shard_bytes: int = SHARD_BYTES,
+    transforms: tuple[str, ...] = SOURCE_TRANSFORMS,
+) -> ModelArgs:
     """The source_transform stage: checkpoint -> this project's weight names, streamed.
 
     The transforms swap modules, not weights, so they are applied to a meta-device model
@@ -105,7 +110,8 @@ def empty_model(args: ModelArgs, transforms: tuple[str, ...] = SOURCE_TRANSFORMS
     """The transformed architecture with no storage (fill with `fill_model`)."""
     with torch.device("meta"):
         model = LlavaModel(args)
-        return apply_source_transforms(model, transforms)
+        apply_source_transforms(model, transforms)  # in place
+    return model
 
 
 def _finish(model: LlavaModel) -> LlavaModel:
@@ -177,12 +183,14 @@ def load_transformed(folder: Path, on_unit=None, dtype: torch.dtype = torch.floa
             for path, keys in by_file.items():
                 with safe_open(str(path), framework="pt") as f:
                     for key in keys:
-                        state[key[len(unit) + 1:]] = f.get_tensor(key).to(dtype)
+                        state[key[len(unit) + 1 :]] = f.get_tensor(key).to(dtype)
             result = module.load_state_dict(state, assign=True, strict=False)
             missing = [k for k in result.missing_keys if not _is_state(k)]
             if missing or result.unexpected_keys:
-                raise PipelineError(f"{folder}: weights of {unit} do not match the model: "
-                                    f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+                raise PipelineError(
+                    f"{folder}: weights of {unit} do not match the model: "
+                    f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+                )
             del state
             if on_unit is not None:
                 on_unit(unit, model)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
 from .config import ConfigError, from_dict, validate
 
 
-def compose(conf_dir: Path, overrides: list[str] = ()) -> dict:
+def compose(conf_dir: Path, overrides: Sequence[str] = ()) -> dict:
     """The resolved config that Hydra composes from `conf_dir/config.yaml`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -29,6 +30,7 @@ def compose(conf_dir: Path, overrides: list[str] = ()) -> dict:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"conf/: {e}") from None
+    assert isinstance(data, dict)  # Hydra composes a DictConfig
     validate(from_dict(data))
     return data
 

@@ -15,13 +15,13 @@ def method_bytes(pte: Path) -> dict[str, int]:
 
     pte_file = deserialize_pte_binary(Path(pte).read_bytes())
     program, named = pte_file.program, pte_file.named_data
-    keys = {}
+    keys: dict[bytes, int] = {}
     if named is not None:
         keys = {k.encode(): len(named.buffers[e.buffer_index]) for k, e in named.pte_data.items()}
-    out = {}
+    out: dict[str, int] = {}
     for plan in program.execution_plan:
         total = 0
-        used_keys = set()
+        used_keys: set[bytes] = set()
         for d in plan.delegates:
             blob = program.backend_delegate_data[d.processed.index].data
             total += len(blob)

@@ -28,11 +28,7 @@ XNNPACK_GROUP_MULTIPLE = 32
 
 def decoder_linears(model) -> dict[str, nn.Linear]:
     """Linears of the text decoder (lm_head included), by qualified name."""
-    return {
-        f"text_decoder.{name}": m
-        for name, m in model.text_decoder.named_modules()
-        if isinstance(m, nn.Linear)
-    }
+    return {f"text_decoder.{name}": m for name, m in model.text_decoder.named_modules() if isinstance(m, nn.Linear)}
 
 
 def weight_config(quant: QuantConfig):
@@ -40,7 +36,9 @@ def weight_config(quant: QuantConfig):
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    bits = {"8da4w": torch.int4, "8da8w": torch.int8}[quant.scheme]
+    # torch has int1..int7 since 2.3, its stubs declare none of them
+    int4 = torch.int4  # type: ignore[attr-defined]
+    bits = {"8da4w": int4, "8da8w": torch.int8}[quant.scheme]
     return Int8DynamicActivationIntxWeightConfig(
         weight_dtype=bits,
         weight_granularity=PerGroup(quant.group_size) if quant.group_size else PerAxis(0),
@@ -61,8 +59,9 @@ def check_group_size(in_features: dict[str, int], quant: QuantConfig) -> None:
             )
     if quant.group_size % XNNPACK_GROUP_MULTIPLE:
         # XNNPACK's blockwise int4 GEMMs assert this at partition time, after all the work.
-        raise ConfigError(f"quant.group_size={quant.group_size}: XNNPACK's 4-bit kernels need a multiple of "
-                          f"{XNNPACK_GROUP_MULTIPLE}")
+        raise ConfigError(
+            f"quant.group_size={quant.group_size}: XNNPACK's 4-bit kernels need a multiple of {XNNPACK_GROUP_MULTIPLE}"
+        )
 
 
 @torch.no_grad()
@@ -73,8 +72,14 @@ def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
         from torchao.quantization import quantize_
 
         module = model.get_submodule(unit)
-        check_group_size({f"{unit}.{k}" if k else unit: m.in_features
-                          for k, m in module.named_modules() if isinstance(m, nn.Linear)}, quant)
+        check_group_size(
+            {
+                f"{unit}.{k}" if k else unit: m.in_features
+                for k, m in module.named_modules()
+                if isinstance(m, nn.Linear)
+            },
+            quant,
+        )
         config = weight_config(quant)
         if isinstance(module, nn.Linear):  # quantize_ walks children; give it a parent
             holder = nn.Sequential(module)
@@ -94,12 +99,13 @@ def quantize_unit(unit: str, model, quant: QuantConfig) -> None:
             EmbeddingQuantHandler,
         )
 
-        holder = _EmbeddingHolder(model)
-        handler = EmbeddingQuantHandler(holder, bitwidth=8, group_size=None, packed=False,
-                                        quantize_with_hqq=quant.qparams == "hqq")
+        embedding = _EmbeddingHolder(model)
+        handler = EmbeddingQuantHandler(
+            embedding, bitwidth=8, group_size=None, packed=False, quantize_with_hqq=quant.qparams == "hqq"
+        )
         with contextlib.redirect_stdout(sys.stderr):  # it prints a progress line
             handler.quantized_model()
-        model.token_embedding = holder.token_embedding
+        model.token_embedding = embedding.token_embedding
 
 
 @torch.no_grad()

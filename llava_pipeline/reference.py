@@ -35,8 +35,15 @@ def to_picture(pixels: torch.Tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def compute(checkpoint: Path, items: Iterable, pixels: dict[str, torch.Tensor], dtype: str,
-            max_new_tokens: int, top_k: int, progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
+def compute(
+    checkpoint: Path,
+    items: Iterable,
+    pixels: dict[str, torch.Tensor],
+    dtype: str,
+    max_new_tokens: int,
+    top_k: int,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> list[dict]:
     """One record per item (see the module docstring); `items` are evalset.EvalItem."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -49,24 +56,31 @@ def compute(checkpoint: Path, items: Iterable, pixels: dict[str, torch.Tensor], 
         inputs = processor(text=prompt, images=to_picture(pixels[item.image]), return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         n_prompt = inputs["input_ids"].shape[1]
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   eos_token_id=eos, pad_token_id=eos)
+        generated = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=eos
+        )
         ids = [int(t) for t in generated[0, n_prompt:]]
         if eos in ids:
             ids = ids[: ids.index(eos) + 1]
         full = torch.cat([inputs["input_ids"], torch.tensor([ids[:-1]], dtype=torch.long)], dim=1)
-        logits = model(input_ids=full, pixel_values=inputs["pixel_values"],
-                       attention_mask=torch.ones_like(full)).logits[0, n_prompt - 1:]
+        logits = model(
+            input_ids=full, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(full)
+        ).logits[0, n_prompt - 1 :]
         logp = torch.log_softmax(logits.float(), dim=-1)
         top = logp.topk(top_k, dim=-1)
         text_ids = ids[:-1] if ids and ids[-1] == eos else ids
-        out.append({
-            "image": item.image, "qtype": item.qtype, "question": item.question, "answer": item.answer,
-            "prompt_tokens": n_prompt,
-            "ids": ids,
-            "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-            "logp": [round(float(v), DIGITS) for v in logp[torch.arange(len(ids)), torch.tensor(ids)]],
-            "top_ids": top.indices.tolist(),
-            "top_logp": [[round(float(v), DIGITS) for v in row] for row in top.values],
-        })
+        out.append(
+            {
+                "image": item.image,
+                "qtype": item.qtype,
+                "question": item.question,
+                "answer": item.answer,
+                "prompt_tokens": n_prompt,
+                "ids": ids,
+                "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+                "logp": [round(float(v), DIGITS) for v in logp[torch.arange(len(ids)), torch.tensor(ids)]],
+                "top_ids": top.indices.tolist(),
+                "top_logp": [[round(float(v), DIGITS) for v in row] for row in top.values],
+            }
+        )
     return out

@@ -49,8 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokenizer_path", required=True, type=Path)
     p.add_argument("--image_path", required=True, type=Path)
     p.add_argument("--prompt", help="the question (with --interactive: the first turn; else read from stdin)")
-    p.add_argument("--seq_len", type=int, default=None,
-                   help="total positions: prompt + image + answer(s); default: the model's context")
+    p.add_argument(
+        "--seq_len",
+        type=int,
+        default=None,
+        help="total positions: prompt + image + answer(s); default: the model's context",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; at most 1")
     p.add_argument("--max_new_tokens", type=int, default=-1, help="per answer; -1: until EOS or --seq_len")
     p.add_argument("--raw", action="store_true", help="send the prompt as is (must contain <image>)")
@@ -69,8 +73,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--raw and --interactive do not combine (follow-up turns use the chat format)")
     if args.prompt is None and not args.interactive:
         raise UsageError("--prompt is required (or --interactive to read it from stdin)")
-    for flag, path in (("--model_path", args.model_path), ("--tokenizer_path", args.tokenizer_path),
-                       ("--image_path", args.image_path)):
+    for flag, path in (
+        ("--model_path", args.model_path),
+        ("--tokenizer_path", args.tokenizer_path),
+        ("--image_path", args.image_path),
+    ):
         if not path.is_file():
             raise UsageError(f"{flag}: {path} not found")
 
@@ -101,8 +108,12 @@ def format_stats(turn: Turn, chat: Chat, image_tokens: int) -> list[str]:
         decode = f"{steps / turn.decode_s:.1f} tok/s ({steps} tokens after the first in {turn.decode_s:.3f} s)"
     else:
         decode = f"n/a ({turn.tokens} token)"
-    stop = {"eos": "EOS", "max_new_tokens": "--max_new_tokens", "seq_len": "--seq_len reached",
-            "unmappable": "a piece the tokenizer cannot map back"}.get(turn.stop, turn.stop)
+    stop = {
+        "eos": "EOS",
+        "max_new_tokens": "--max_new_tokens",
+        "seq_len": "--seq_len reached",
+        "unmappable": "a piece the tokenizer cannot map back",
+    }.get(turn.stop, turn.stop)
     lines.append(f"decode: {decode}; stopped by {stop}; context {chat.pos}/{chat.seq_len} positions")
     if turn.resyncs:
         lines.append(f"resumed {turn.resyncs}x after pieces that are not UTF-8 on their own")
@@ -166,8 +177,10 @@ def _run(args: argparse.Namespace) -> int:
             f"in the model's context of {meta.max_context_len}"
         )
     if max(len(before), len(after)) > meta.max_seq_len:
-        raise UsageError(f"--prompt: a text segment of {max(len(before), len(after))} tokens is longer than "
-                         f"the model's longest prefill of {meta.max_seq_len}")
+        raise UsageError(
+            f"--prompt: a text segment of {max(len(before), len(after))} tokens is longer than "
+            f"the model's longest prefill of {meta.max_seq_len}"
+        )
     if needed >= seq_len:
         raise UsageError(
             f"--seq_len: {seq_len} is too small: the prompt takes {needed} positions ({text_tokens} text + "
@@ -197,15 +210,20 @@ def _run(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             continue
         if len(ids) > meta.max_seq_len:
-            print(f"error: that turn has {len(ids)} tokens, more than the model's longest prefill of "
-                  f"{meta.max_seq_len}", file=sys.stderr)
+            print(
+                f"error: that turn has {len(ids)} tokens, more than the model's longest prefill of {meta.max_seq_len}",
+                file=sys.stderr,
+            )
             continue
         if not chat.fits(ids):
             chat.over = "context full"
             break
         _report(_ask(chat, lambda on_text: chat.next_turn(ids, on_text)), chat, meta.image_tokens)
-    print(f"{chat.over}: {chat.pos} of --seq_len {chat.seq_len} positions are used, no room for another "
-          "turn; ending the conversation", file=sys.stderr)
+    print(
+        f"{chat.over}: {chat.pos} of --seq_len {chat.seq_len} positions are used, no room for another "
+        "turn; ending the conversation",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -197,7 +197,9 @@ def read_program_meta(path: Path) -> ProgramMeta:
         return [int(v) for v in program.load_method(name).call([])]
 
     try:
-        max_seq_len = constant(MAX_SEQ_LEN)[0]
+        declared = constant(MAX_SEQ_LEN)
+        assert declared is not None  # one of the REQUIRED methods, checked above
+        max_seq_len = declared[0]
         context = constant("get_max_context_len")
         vocab = constant("get_vocab_size")
         eos = constant("get_eos_ids") or []
@@ -251,10 +253,18 @@ class Vocabulary:
     never emit a byte-fallback piece for a character the vocabulary has.
     """
 
-    def __init__(self, path: Path | None = None, *, pieces: list[bytes] | None = None,
-                 bos: int = 1, eos: int = 2, byte_fallback: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        pieces: list[bytes] | None = None,
+        bos: int = 1,
+        eos: int = 2,
+        byte_fallback: frozenset[int] = frozenset(),
+    ):
         self._tok = None
-        self._pieces = pieces
+        # without a file the pieces are given (none: an empty vocabulary); with one, read lazily
+        self._pieces = pieces if pieces is not None or path is not None else []
         self._byte_fallback = byte_fallback
         self._ids: dict[bytes, int] | None = None
         self._path = path
@@ -280,18 +290,19 @@ class Vocabulary:
     def piece(self, token_id: int) -> bytes:
         if self._pieces is not None:
             return self._pieces[token_id]
+        assert self._tok is not None  # no pieces given: loaded from the file
         try:
             return self._tok.decode(token_id).encode("utf-8")
         except UnicodeDecodeError as e:
             return bytes(e.object)
 
     def id_of(self, raw: bytes) -> int | None:
-        if self._ids is None:
-            self._build_index()
-        return self._ids.get(raw)
+        ids = self._ids if self._ids is not None else self._build_index()
+        return ids.get(raw)
 
-    def _build_index(self) -> None:
+    def _build_index(self) -> dict[bytes, int]:
         if self._pieces is None:
+            assert self._path is not None  # no pieces given: they are the file's
             self._pieces = [self.piece(i) for i in range(self.size)]
             stored = _llama2c_raw_pieces(self._path)
             if stored is not None and len(stored) == self.size:
@@ -301,6 +312,7 @@ class Vocabulary:
             if raw not in ids or (ids[raw] in self._byte_fallback and i not in self._byte_fallback):
                 ids[raw] = i
         self._ids = ids
+        return ids
 
 
 class Utf8Stream:
@@ -352,8 +364,15 @@ class Runner:
     ``binding``/``vocab``/``meta`` replace the real runner, tokenizer and .pte
     metadata (tests)."""
 
-    def __init__(self, model_path: Path | None, tokenizer_path: Path | None, *,
-                 binding=None, vocab: Vocabulary | None = None, meta: ProgramMeta | None = None):
+    def __init__(
+        self,
+        model_path: Path | None,
+        tokenizer_path: Path | None,
+        *,
+        binding=None,
+        vocab: Vocabulary | None = None,
+        meta: ProgramMeta | None = None,
+    ):
         if binding is None:
             load_runtime_kernels()
             from executorch.extension.llm.runner import MultimodalRunner
@@ -361,7 +380,10 @@ class Runner:
             binding = MultimodalRunner(str(model_path), str(tokenizer_path))
         self._runner = binding
         self.vocab = vocab if vocab is not None else Vocabulary(tokenizer_path)
-        self.meta = meta if meta is not None else read_program_meta(model_path)
+        if meta is None:
+            assert model_path is not None, "a Runner without meta reads it from model_path"
+            meta = read_program_meta(model_path)
+        self.meta = meta
         self._eos = {self.vocab.piece(i): i for i in (self.meta.eos_ids or (self.vocab.eos,))}
         self.pos: int | None = 0
 
@@ -498,7 +520,7 @@ class Runner:
         out.pending_id = self.vocab.id_of(segment[-1]) if segment else None
 
     def _ids_of(self, segment: list[bytes]) -> list[int] | None:
-        ids = []
+        ids: list[int] = []
         for raw in segment:
             token = self.vocab.id_of(raw)
             if token is None and ids and ids[-1] == self.vocab.bos:

@@ -45,8 +45,9 @@ def check_image(image: torch.Tensor, size: int | None) -> None:
     if not 1 <= c <= MAX_CHANNELS:
         raise ValueError(f"image: {c} channels; the encoder takes 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
     if size is not None and not (1 <= h <= size and 1 <= w <= size):
-        raise ValueError(f"image: {h}x{w} pixels; the encoder takes 1..{size} on each side "
-                         f"(resize the longest edge to {size} first)")
+        raise ValueError(
+            f"image: {h}x{w} pixels; the encoder takes 1..{size} on each side (resize the longest edge to {size} first)"
+        )
 
 
 class RunnerImage(nn.Module):
@@ -56,6 +57,8 @@ class RunnerImage(nn.Module):
     choice is an index_select whose indices are computed from C, and the padding is one
     constant pad of the picture minus the pad colour, so that its output size is `size`
     whatever H and W are."""
+
+    fill: torch.Tensor  # a buffer (register_buffer): typed here for the checker
 
     def __init__(self, size: int, fill: tuple[int, ...]):
         super().__init__()

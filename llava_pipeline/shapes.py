@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Iterable
 
 from PIL import Image, ImageDraw
 
@@ -79,11 +80,20 @@ def _clip(v: int) -> int:
     return max(0, min(255, v))
 
 
+def _rgb(values: Iterable[int]) -> tuple[int, int, int]:
+    r, g, b = values
+    return r, g, b
+
+
 def _fits(box: tuple[int, int, int], placed: list[Shape]) -> bool:
     x0, y0, side = box
     for s in placed:
-        apart = (x0 >= s.x0 + s.side + MARGIN or s.x0 >= x0 + side + MARGIN
-                 or y0 >= s.y0 + s.side + MARGIN or s.y0 >= y0 + side + MARGIN)
+        apart = (
+            x0 >= s.x0 + s.side + MARGIN
+            or s.x0 >= x0 + side + MARGIN
+            or y0 >= s.y0 + s.side + MARGIN
+            or s.y0 >= y0 + side + MARGIN
+        )
         if not apart or abs((x0 + side / 2) - s.cx) < MIN_DX:
             return False
     return True
@@ -93,17 +103,17 @@ def sample_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
     """A random scene of the grammar above (`n_shapes` 1-3, random if None)."""
     while True:
         n = n_shapes or rng.randint(1, 3)
-        background = tuple(rng.randint(215, 255) for _ in range(3))
+        background = _rgb(rng.randint(215, 255) for _ in range(3))
         placed: list[Shape] = []
         for _ in range(200):  # rejection sampling of boxes; restart the scene if it gets stuck
             side = rng.randint(MIN_SIDE, MAX_SIDE)
             box = (rng.randint(MARGIN, SIZE - MARGIN - side), rng.randint(MARGIN, SIZE - MARGIN - side), side)
             if _fits(box, placed):
                 color = rng.choice(sorted(COLORS))
-                rgb = tuple(_clip(c + rng.randint(-JITTER, JITTER)) for c in COLORS[color])
+                rgb = _rgb(_clip(c + rng.randint(-JITTER, JITTER)) for c in COLORS[color])
                 placed.append(Shape(rng.choice(KINDS), color, rgb, *box))
                 if len(placed) == n:
-                    return Scene(background, tuple(placed))  # type: ignore[arg-type]
+                    return Scene(background, tuple(placed))
 
 
 def render(scene: Scene, scale: int = 1) -> Image.Image:

@@ -17,7 +17,7 @@ For `torch.export` that int is an unbacked symbol; `_start_pos` bounds it with
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -62,6 +62,8 @@ class QuantizedKVCache(nn.Module):
     written with `llama.update_cache`; ExecuTorch's quantized-cache layout. Returns
     (cache, scales, zero_points) for K and for V, which `QuantizedSDPA` reads directly.
     A quarter of the fp32 cache's bytes, so a quarter of the cache reads per decode step."""
+
+    k_cache: torch.Tensor  # the first of six buffers (register_buffer), typed for the checker
 
     def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int, device=None):
         super().__init__()
@@ -108,12 +110,28 @@ class QuantizedSDPA(nn.Module):
         start_pos = _start_pos(input_pos, k_q.shape[1])
         q_q, q_scale, q_zero = _quantize_per_token(q)
         return torch.ops.llama.custom_quantized_sdpa(
-            q_q, k_q, v_q, start_pos, None, 0, True, None,
-            q_zero, q_scale, k_zero, k_scale, v_zero, v_scale, False,
+            q_q,
+            k_q,
+            v_q,
+            start_pos,
+            None,
+            0,
+            True,
+            None,
+            q_zero,
+            q_scale,
+            k_zero,
+            k_scale,
+            v_zero,
+            v_scale,
+            False,
         )
 
 
-def _replace(model: nn.Module, old: type, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+_Old = TypeVar("_Old", bound=nn.Module)
+
+
+def _replace(model: nn.Module, old: type[_Old], make: Callable[[_Old], nn.Module]) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is old:  # exact type: CustomKVCache subclasses KVCache
@@ -137,16 +155,25 @@ def replace_kv_cache_with_quantized_kv_cache(model: nn.Module) -> nn.Module:
     load_custom_ops()
     import torch.ao.quantization.fx._decomposed  # noqa: F401  quantized_decomposed per-token ops
 
-    _replace(model, CustomKVCache, lambda c: QuantizedKVCache(*c.k_cache.shape[1:], device=c.k_cache.device))
+    _replace(model, CustomKVCache, _quantized_kv_cache)
     return _replace(model, CustomSDPA, lambda _: QuantizedSDPA())
+
+
+def _quantized_kv_cache(cache: CustomKVCache) -> QuantizedKVCache:
+    _, max_seq_len, n_kv_heads, head_dim = cache.k_cache.shape
+    return QuantizedKVCache(max_seq_len, n_kv_heads, head_dim, device=cache.k_cache.device)
 
 
 # name -> (transform, plain class it removes, class it installs, op the exported graph must hold)
 SOURCE_TRANSFORMS: dict[str, tuple[Callable[[nn.Module], nn.Module], type, type, str]] = {
     "custom_kv_cache": (replace_kv_cache_with_custom_kv_cache, KVCache, CustomKVCache, "llama.update_cache"),
     "custom_sdpa": (replace_sdpa_with_custom_sdpa, SDPA, CustomSDPA, "llama.custom_sdpa"),
-    "quantized_kv_cache": (replace_kv_cache_with_quantized_kv_cache, CustomKVCache, QuantizedKVCache,
-                           "llama.custom_quantized_sdpa"),
+    "quantized_kv_cache": (
+        replace_kv_cache_with_quantized_kv_cache,
+        CustomKVCache,
+        QuantizedKVCache,
+        "llama.custom_quantized_sdpa",
+    ),
 }
 
 

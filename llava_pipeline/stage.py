@@ -49,11 +49,7 @@ def hash_tree(path: Path) -> dict[str, str]:
     """sha256 of every file under `path` (or of `path` itself), keyed by relative POSIX path."""
     if path.is_file():
         return {path.name: sha256_file(path)}
-    return {
-        p.relative_to(path).as_posix(): sha256_file(p)
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
+    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def package_versions() -> dict[str, str]:
@@ -70,9 +66,7 @@ def upstream(stage: str, outputs: Path = OUTPUTS) -> Path:
     """The finished output folder of an upstream stage; error if it is not there."""
     folder = outputs / stage
     if not (folder / "manifest.json").is_file():
-        raise PipelineError(
-            f"{folder}: no finished output of stage '{stage}' (run `dvc repro {stage}` first)"
-        )
+        raise PipelineError(f"{folder}: no finished output of stage '{stage}' (run `dvc repro {stage}` first)")
     return folder
 
 

@@ -80,8 +80,12 @@ def table() -> str:
         logs = _dvc("queue", "logs", exp_name(label), check=False)
         decode = re.findall(r"decode (\d+) tok/s", logs)
         cells = [f"{acc.get(t, 0):.3f}" for t in TYPES] + [
-            f"{quality['agreement']:.3f}", f"{quality['top1']:.3f}", f"{quality['kl']:.5f}",
-            f"{sum(quality['size_mb'].values()):.2f}", decode[-1] if decode else "-"]
+            f"{quality['agreement']:.3f}",
+            f"{quality['top1']:.3f}",
+            f"{quality['kl']:.5f}",
+            f"{sum(quality['size_mb'].values()):.2f}",
+            decode[-1] if decode else "-",
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -37,17 +37,37 @@ def llava_7b_config(text_layers: int = FULL_TEXT_LAYERS, vision_layers: int = FU
 
     cfg = tiny_llava_config().to_dict()
     cfg["vision_config"].update(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-        num_attention_heads=16, projection_dim=768,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=16,
+        projection_dim=768,
     )
     cfg["text_config"].update(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=text_layers,
-        num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=4096,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=text_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        max_position_embeddings=4096,
     )
-    return LlavaConfig(vision_config=cfg["vision_config"], text_config=cfg["text_config"],
-                       **{k: cfg[k] for k in ("image_token_index", "pad_token_id", "projector_hidden_act",
-                                              "vision_feature_layer", "vision_feature_select_strategy",
-                                              "image_seq_length", "tie_word_embeddings")})
+    return LlavaConfig(
+        vision_config=cfg["vision_config"],
+        text_config=cfg["text_config"],
+        **{
+            k: cfg[k]
+            for k in (
+                "image_token_index",
+                "pad_token_id",
+                "projector_hidden_act",
+                "vision_feature_layer",
+                "vision_feature_select_strategy",
+                "image_seq_length",
+                "tie_word_embeddings",
+            )
+        },
+    )
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -83,8 +103,9 @@ def write_weights(out: Path, config, seed: int, dtype: torch.dtype, shard_bytes:
     writer.close()
 
 
-def write_checkpoint(out: Path, config, seed: int, dtype: torch.dtype = torch.bfloat16,
-                     shard_bytes: int = SHARD_BYTES) -> None:
+def write_checkpoint(
+    out: Path, config, seed: int, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES
+) -> None:
     """A complete HF-format LLaVA-1.5 folder: weights, config, tokenizer, image processor."""
     out.mkdir(parents=True, exist_ok=True)
     config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
@@ -112,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(partial)
-    write_checkpoint(partial, llava_7b_config(args.text_layers, args.vision_layers), args.seed,
-                     DTYPES[args.dtype])
+    write_checkpoint(partial, llava_7b_config(args.text_layers, args.vision_layers), args.seed, DTYPES[args.dtype])
     partial.rename(args.out)
     return 0
 

@@ -37,7 +37,7 @@ SELF_PENALTY = 4.0
 
 
 def tiny_llava_config() -> LlavaConfig:
-    return LlavaConfig(
+    cfg = LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",
             hidden_size=64,
@@ -66,13 +66,15 @@ def tiny_llava_config() -> LlavaConfig:
             tie_word_embeddings=False,
         ),
         image_token_index=32000,
-        pad_token_id=32001,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=576,
         tie_word_embeddings=False,
     )
+    # Not a LlavaConfig field (it keeps unknown keys as attributes): set like one, config.json unchanged.
+    cfg.pad_token_id = 32001
+    return cfg
 
 
 def init_(name: str, p: torch.Tensor, g: torch.Generator) -> None:
@@ -120,5 +122,7 @@ def make_tiny_llava(seed: int = 0, config: LlavaConfig | None = None) -> LlavaFo
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             init_(name, p, g)
-        shape_lm_head(model.lm_head.weight, model.get_input_embeddings().weight)
+        embed = model.get_input_embeddings()
+        assert isinstance(embed, torch.nn.Embedding)  # Llama's embed_tokens
+        shape_lm_head(model.lm_head.weight, embed.weight)
     return model.eval()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llava_pipeline import export
-from llava_pipeline.config import QuantConfig
+from llava_pipeline.config import QParams, QuantConfig, QuantScheme
 from llava_pipeline.machine import machine
 from llava_pipeline.quantize import weight_config
 
@@ -47,11 +47,15 @@ def lowered_linear(scheme: str, group_size: int, k: int, n: int, max_m: int, m: 
     fp32 = nn.Sequential(nn.Linear(k, n, bias=False)).eval()
     model = copy.deepcopy(fp32)
     if scheme != "none":
-        quantize_(model, weight_config(QuantConfig(scheme=scheme, group_size=group_size, qparams="affine")))
+        quant = QuantConfig(scheme=QuantScheme(scheme), group_size=group_size, qparams=QParams.affine)
+        quantize_(model, weight_config(quant))
     x = torch.randn(1, m, k)
     ep = torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("m", min=1, max=max_m)},))
-    edge = to_edge_transform_and_lower(ep, partitioner=export.partitioners("text_decoder", scheme != "none"),
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=export.partitioners("text_decoder", scheme != "none"),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
     return fp32, model, edge
 
 
@@ -82,8 +86,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     m = machine()
-    print(f"Linear({args.k} -> {args.n}), ExecuTorch + XNNPACK, {torch.get_num_threads()} threads; "
-          f"{m['cpu']}, ISA: {', '.join(m['isa']) or 'not recorded'}\n")
+    print(
+        f"Linear({args.k} -> {args.n}), ExecuTorch + XNNPACK, {torch.get_num_threads()} threads; "
+        f"{m['cpu']}, ISA: {', '.join(m['isa']) or 'not recorded'}\n"
+    )
     print(f"| weights | prefill M={args.prefill} ms | decode M=1 ms | .pte MiB |")
     print("|---|---|---|---|")
     for label, scheme, group in SCHEMES:

@@ -54,7 +54,9 @@ def slots_for(item: shapes.Item, ids: list[int], n_prompt: int) -> list[int]:
     order = item.scene.left_to_right()
     rank = 0
     if item.qtype == "color":
-        kind = re.fullmatch(r"What color is the (\w+)\?", item.question).group(1)
+        asked = re.fullmatch(r"What color is the (\w+)\?", item.question)
+        assert asked, item.question  # shapes.color_question's wording
+        kind = asked.group(1)
         rank = next(i for i, s in enumerate(order) if s.kind == kind)
     out, slot = [], -1
     for t in range(n_prompt - 1, len(ids) - 1):
@@ -75,7 +77,7 @@ def forward(model, feats: torch.Tensor, seqs, slots, rank: torch.Tensor):
     """train_builtin.answer_logits plus the attention loss and, at the supervised positions,
     what head 0 writes (its input to o_proj): (out [N, head_dim], image index [N], rank [N]),
     or None where no position is supervised."""
-    captured = {}
+    captured: dict[str, torch.Tensor] = {}
     attn = model.model.language_model.layers[-1].self_attn
     hook = attn.o_proj.register_forward_pre_hook(lambda mod, inp: captured.__setitem__("x", inp[0]))
     out = model.model.language_model(inputs_embeds=tb.answer_inputs(model, feats, seqs), output_attentions=True)
@@ -120,11 +122,20 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-vision", type=float, default=2.5e-4)
     ap.add_argument("--att-weight", type=float, default=0.5)
     ap.add_argument("--aux-weight", type=float, default=0.3)
-    ap.add_argument("--value-weight", type=float, default=0.0,
-                    help="weight of a linear probe on what head 0 writes (the named shape's colour and kind)")
+    ap.add_argument(
+        "--value-weight",
+        type=float,
+        default=0.0,
+        help="weight of a linear probe on what head 0 writes (the named shape's colour and kind)",
+    )
     ap.add_argument("--keep", type=tb._keep, default=None, metavar="TYPE=P,...", help="as train_builtin's")
-    ap.add_argument("--shape-weights", type=tb._shape_weights, default=None, metavar="W1,W2,W3",
-                    help="relative frequency of training scenes with 1, 2, 3 shapes (default: equal)")
+    ap.add_argument(
+        "--shape-weights",
+        type=tb._shape_weights,
+        default=None,
+        metavar="W1,W2,W3",
+        help="relative frequency of training scenes with 1, 2, 3 shapes (default: equal)",
+    )
     ap.add_argument("--eval-scenes", type=int, default=150)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -134,23 +145,33 @@ def main(argv=None) -> int:
     model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).train()
     model.set_attn_implementation("eager")  # the only one that returns attention weights
     prompts = tb.Prompts(tb.TINY_TOKENIZER_MODEL)
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(model.config.text_config.hidden_size, n)
-                                 for k, n in tb.HEADS.items()})
+    heads = torch.nn.ModuleDict(
+        {k: torch.nn.Linear(model.config.text_config.hidden_size, n) for k, n in tb.HEADS.items()}
+    )
     vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    lm = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+    lm = [
+        p
+        for n, p in model.named_parameters()
+        if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))
+    ]
     # Made only when asked for, so that a run without them draws the same random numbers as before.
     head_dim = model.model.language_model.layers[-1].self_attn.head_dim
     value_heads = torch.nn.ModuleDict(
-        {"color": torch.nn.Linear(head_dim, 5), "kind": torch.nn.Linear(head_dim, 3)} if args.value_weight else {})
-    groups = [(vision, args.lr_vision), (list(heads.parameters()) + list(value_heads.parameters()), 1e-3),
-              (lm, args.lr_lm)]
+        {"color": torch.nn.Linear(head_dim, 5), "kind": torch.nn.Linear(head_dim, 3)} if args.value_weight else {}
+    )
+    groups = [
+        (vision, args.lr_vision),
+        (list(heads.parameters()) + list(value_heads.parameters()), 1e-3),
+        (lm, args.lr_lm),
+    ]
     opt = torch.optim.AdamW([{"params": p} for p, _ in groups], weight_decay=0.0)
     t0 = time.time()
     for step in range(args.attention_steps):
         for g, (_, peak) in zip(opt.param_groups, groups):
             g["lr"] = tb.lr_at(step, args.attention_steps, peak)
-        pixels, labels, seqs, slots = tb.make_batch(rng, prompts, args.batch, keep=args.keep, annotate=slots_for,
-                                                        shape_weights=args.shape_weights)
+        pixels, labels, seqs, slots = tb.make_batch(
+            rng, prompts, args.batch, keep=args.keep, annotate=slots_for, shape_weights=args.shape_weights
+        )
         feats = tb.image_features(model, pixels)
         logits, targets, owner, att_loss, picked = forward(model, feats, seqs, slots, labels["rank"])
         value_loss = torch.zeros(())
@@ -158,8 +179,9 @@ def main(argv=None) -> int:
             # What head 0 writes at those positions should name the shape's colour and kind.
             out_h, img_of, ranks = picked
             colour_t, kind_t = shape_targets(labels, img_of, ranks)
-            value_loss = (F.cross_entropy(value_heads["color"](out_h), colour_t)
-                          + F.cross_entropy(value_heads["kind"](out_h), kind_t))
+            value_loss = F.cross_entropy(value_heads["color"](out_h), colour_t) + F.cross_entropy(
+                value_heads["kind"](out_h), kind_t
+            )
         lm_loss = tb.per_answer_loss(logits, targets, owner, len(seqs))
         # The fresh probe heads first fit the features as they are, then keep them in place.
         aux, _ = tb.probe_loss(heads, feats if step >= 60 else feats.detach(), labels)
@@ -169,11 +191,15 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 20 == 0 or step == args.attention_steps - 1:
-            tb.log(f"step {step} lm {float(lm_loss):.4f} att {float(att_loss):.3f} value {float(value_loss):.3f} "
-                   f"aux {float(aux):.3f} ({time.time() - t0:.0f} s)")
+            tb.log(
+                f"step {step} lm {float(lm_loss):.4f} att {float(att_loss):.3f} value {float(value_loss):.3f} "
+                f"aux {float(aux):.3f} ({time.time() - t0:.0f} s)"
+            )
     model.set_attn_implementation("sdpa")
-    stats = {"attention_minutes": round((time.time() - t0) / 60, 1),
-             "command": "python -m scripts.train_attention " + " ".join(argv if argv is not None else sys.argv[1:])}
+    stats = {
+        "attention_minutes": round((time.time() - t0) / 60, 1),
+        "command": "python -m scripts.train_attention " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     tb.finish(model.eval(), stats, args, t_start)
     return 0
 

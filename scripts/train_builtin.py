@@ -35,7 +35,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from llava_pipeline import shapes
 from llava_pipeline.files import write_json
@@ -47,30 +47,54 @@ N_PATCH = 576
 GRID = 24
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the human's questions. ")
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. "
+)
 
 
 def model_config() -> LlavaConfig:
     """LLaVA-1.5's geometry (336 px, patch 14, 576 tokens, layer -2, vocab 32064), small widths,
     and the depths of the random tiny model (3 CLIP layers of which 2 run, 2 Llama layers), so the
     export's graphs are no larger than before."""
-    return LlavaConfig(
+    cfg = LlavaConfig(
         vision_config=dict(
-            model_type="clip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-            num_attention_heads=4, image_size=336, patch_size=14, projection_dim=128,
-            hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            model_type="clip_vision_model",
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+            projection_dim=128,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
         ),
         text_config=dict(
-            model_type="llama", vocab_size=32064, hidden_size=128, intermediate_size=384,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-            pad_token_id=PAD_ID, tie_word_embeddings=False,
+            model_type="llama",
+            vocab_size=32064,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=PAD_ID,
+            tie_word_embeddings=False,
         ),
-        image_token_index=IMAGE_ID, pad_token_id=PAD_ID, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=N_PATCH,
+        image_token_index=IMAGE_ID,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=N_PATCH,
         tie_word_embeddings=False,
     )
+    # Not a LlavaConfig field (it keeps unknown keys as attributes): set like one, config.json unchanged.
+    cfg.pad_token_id = PAD_ID
+    return cfg
 
 
 # ----------------------------------------------------------------------------- data
@@ -95,8 +119,9 @@ def patch_labels(scene: shapes.Scene) -> dict[str, torch.Tensor]:
     nothing of it. `rank` (from the left) on every patch of a shape; `count` on every patch."""
     order = scene.left_to_right()
     # Each shape drawn with its rank from the left as its "colour": an index map.
-    index_scene = shapes.Scene((0, 0, 0), tuple(
-        shapes.Shape(s.kind, s.color, (i + 1,) * 3, s.x0, s.y0, s.side) for i, s in enumerate(order)))
+    index_scene = shapes.Scene(
+        (0, 0, 0), tuple(shapes.Shape(s.kind, s.color, (i + 1,) * 3, s.x0, s.y0, s.side) for i, s in enumerate(order))
+    )
     index = np.asarray(shapes.render(index_scene).convert("L")).astype(np.int64)
     blocks = index.reshape(GRID, 14, GRID, 14).transpose(0, 2, 1, 3).reshape(N_PATCH, 196)
     covered = np.stack([(blocks == i + 1).mean(1) for i in range(len(order))], 1)  # [576, n]
@@ -156,19 +181,30 @@ def scene_items(scene: shapes.Scene, rng: random.Random, keep: dict[str, float] 
     not given), so that training time goes where the answers are still wrong."""
     if keep is None:
         return shapes.one_per_type(scene, rng)
-    return [item for item in shapes.questions(scene)
-            if item.qtype == "color" or rng.random() < keep.get(item.qtype, 1.0)]
+    return [
+        item for item in shapes.questions(scene) if item.qtype == "color" or rng.random() < keep.get(item.qtype, 1.0)
+    ]
 
 
-def make_batch(rng: random.Random, prompts: Prompts, n_images: int, max_shapes: int = 3,
-               keep: dict[str, float] | None = None, annotate=None, shape_weights: list[float] | None = None):
+def make_batch(
+    rng: random.Random,
+    prompts: Prompts,
+    n_images: int,
+    max_shapes: int = 3,
+    keep: dict[str, float] | None = None,
+    annotate=None,
+    shape_weights: list[float] | None = None,
+):
     """(pixels, per-patch labels, seqs): seqs are (image index, ids, n_prompt, qtype). With
     `annotate(item, ids, n_prompt)`, a fourth element: its result for each sequence.
     `shape_weights`: relative frequency of scenes with 1, 2, 3 shapes (None: equally often)."""
     pixels, labels, seqs, notes = [], [], [], []
     for i in range(n_images):
-        n = (rng.randint(1, max_shapes) if shape_weights is None
-             else rng.choices(range(1, len(shape_weights) + 1), weights=shape_weights)[0])
+        n = (
+            rng.randint(1, max_shapes)
+            if shape_weights is None
+            else rng.choices(range(1, len(shape_weights) + 1), weights=shape_weights)[0]
+        )
         scene = shapes.sample_scene(rng, n)
         pixels.append(to_pixels(scene_image(scene, rng)))
         labels.append(patch_labels(scene))
@@ -225,7 +261,8 @@ def patch_batch(rng: random.Random, n_images: int):
 
 
 def probe_loss(heads: torch.nn.ModuleDict, feats: torch.Tensor, labels: dict):
-    total, parts = 0.0, {}
+    total: float | torch.Tensor = 0.0
+    parts: dict[str, float] = {}
     for name, head in heads.items():
         logits = head(feats)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[name].reshape(-1))
@@ -305,6 +342,7 @@ def grow_text_layers(model: LlavaForConditionalGeneration, n_layers: int) -> Lla
     adds nothing to the residual stream at first and the grown model computes what the trained
     one did; training then gives the language model depth it can use."""
     cfg = model.config
+    assert isinstance(cfg.text_config, LlamaConfig)  # model_config() makes a llama text model
     have = cfg.text_config.num_hidden_layers
     if n_layers <= have:
         raise SystemExit(f"error: --grow-text-layers {n_layers}: the model already has {have} layers")
@@ -372,13 +410,20 @@ def train(args) -> tuple[LlavaForConditionalGeneration, dict]:
         loss.backward()
         opt.step()
         if step % 25 == 0 or step == args.vision_steps - 1:
-            log(f"vision {step:4d} loss {float(loss):.3f} " + " ".join(f"{k}={v:.2f}" for k, v in parts.items())
-                + f" ({time.time() - t0:.0f} s)")
+            log(
+                f"vision {step:4d} loss {float(loss):.3f} "
+                + " ".join(f"{k}={v:.2f}" for k, v in parts.items())
+                + f" ({time.time() - t0:.0f} s)"
+            )
     stats["vision_minutes"] = round((time.time() - t0) / 60, 1)
 
     # Phase 2: everything, answer tokens + probes.
     t0 = time.time()
-    lm = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+    lm = [
+        p
+        for n, p in model.named_parameters()
+        if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))
+    ]
     groups = [
         {"params": vision, "peak": args.lr_vision * args.joint_vision_lr_scale},
         {"params": list(heads.parameters()), "peak": args.lr_vision * args.joint_vision_lr_scale},
@@ -445,7 +490,7 @@ def score_with_hf(folder: Path, n_scenes: int, seed: int, scale: int = 1) -> dic
         prompt = f"USER: <image>\n{item.question} ASSISTANT:"
         inputs = processor(text=prompt, images=shapes.render(item.scene, scale), return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         h = hits.setdefault(item.qtype, [0, 0])
         h[0] += text == item.answer
         h[1] += 1
@@ -516,9 +561,14 @@ PHASES = ("patch", "vision", "joint", "attention")
 
 def _run_entry(stats: dict) -> dict:
     """What the card says of one training run: its command, seed, time and steps per phase."""
-    entry = {"command": stats["command"], "seed": stats["args"]["seed"], "train_minutes": stats["train_minutes"],
-             "aux_weight": stats["args"]["aux_weight"], "value_weight": stats["args"].get("value_weight", 0.0),
-             "machine": stats.get("machine")}
+    entry = {
+        "command": stats["command"],
+        "seed": stats["args"]["seed"],
+        "train_minutes": stats["train_minutes"],
+        "aux_weight": stats["args"]["aux_weight"],
+        "value_weight": stats["args"].get("value_weight", 0.0),
+        "machine": stats.get("machine"),
+    }
     for phase in PHASES:
         entry[f"{phase}_steps"] = stats["args"].get(f"{phase}_steps", 0)
         entry[f"{phase}_minutes"] = stats.get(f"{phase}_minutes", 0.0)
@@ -535,11 +585,15 @@ def _where(run: dict) -> str:
 def _training_text(stats: dict) -> str:
     runs = stats.get("runs", [_run_entry(stats)])
     if len(runs) == 1:
-        return (f"`{runs[0]['command']}` (seed {runs[0]['seed']}, {_where(runs[0])}): "
-                f"{runs[0]['train_minutes']} min in all.")
+        return (
+            f"`{runs[0]['command']}` (seed {runs[0]['seed']}, {_where(runs[0])}): "
+            f"{runs[0]['train_minutes']} min in all."
+        )
     lines = [f"{len(runs)} runs in this order, each starting from the previous one's output:", ""]
-    lines += [f"{i}. `{r['command']}` (seed {r['seed']}; {_where(r)}): {r['train_minutes']} min"
-              for i, r in enumerate(runs, 1)]
+    lines += [
+        f"{i}. `{r['command']}` (seed {r['seed']}; {_where(r)}): {r['train_minutes']} min"
+        for i, r in enumerate(runs, 1)
+    ]
     return "\n".join(lines) + f"\n\n{sum(r['train_minutes'] for r in runs):.1f} min in all."
 
 
@@ -550,23 +604,46 @@ def write_card(folder: Path, model, stats: dict) -> None:
     embed = (model.get_input_embeddings().weight.numel() + model.lm_head.weight.numel()) / 1e6
     rows = "\n".join(
         f"| {q} | {a[0]}/{a[1]} ({a[0] / a[1]:.1%}) | {b[0]}/{b[1]} ({b[0] / b[1]:.1%}) |"
-        for q in shapes.QUESTION_TYPES for a, b in [(stats["accuracy"][q], stats["accuracy_672px"][q])])
+        for q in shapes.QUESTION_TYPES
+        for a, b in [(stats["accuracy"][q], stats["accuracy_672px"][q])]
+    )
     args = stats["args"]
     runs = stats.get("runs", [_run_entry(stats)])
-    total = {f"{ph}_{what}": round(sum(r.get(f"{ph}_{what}", 0) for r in runs), 1)
-             for ph in PHASES for what in ("steps", "minutes")}
+    total = {
+        f"{ph}_{what}": round(sum(r.get(f"{ph}_{what}", 0) for r in runs), 1)
+        for ph in PHASES
+        for what in ("steps", "minutes")
+    }
     total = {k: int(v) if k.endswith("steps") else v for k, v in total.items()}
-    (folder / "README.md").write_text(CARD.format(
-        vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers, text_hidden=t.hidden_size,
-        text_layers=t.num_hidden_layers, heads=t.num_attention_heads, kv_heads=t.num_key_value_heads,
-        mlp=t.intermediate_size, params=params, embed=embed,
-        training=_training_text(stats), **total,
-        aux_weight=", then ".join(str(r["aux_weight"]) for r in runs if r["joint_steps"]),
-        n_scenes=args["eval_scenes"], eval_seed=10_000 + args["seed"], n_big=args["eval_scenes"] // 3,
-        attention=ATTENTION_TEXT.format(**total, value=", ".join(
-            VALUE_TEXT.format(value_weight=r["value_weight"]) for r in runs if r.get("value_weight"))
-        ) if total["attention_steps"] else "",
-        rows=rows, sha=stats["weights_sha256"]))
+    (folder / "README.md").write_text(
+        CARD.format(
+            vision_hidden=v.hidden_size,
+            vision_layers=v.num_hidden_layers,
+            text_hidden=t.hidden_size,
+            text_layers=t.num_hidden_layers,
+            heads=t.num_attention_heads,
+            kv_heads=t.num_key_value_heads,
+            mlp=t.intermediate_size,
+            params=params,
+            embed=embed,
+            training=_training_text(stats),
+            **total,
+            aux_weight=", then ".join(str(r["aux_weight"]) for r in runs if r["joint_steps"]),
+            n_scenes=args["eval_scenes"],
+            eval_seed=10_000 + args["seed"],
+            n_big=args["eval_scenes"] // 3,
+            attention=ATTENTION_TEXT.format(
+                **total,
+                value=", ".join(
+                    VALUE_TEXT.format(value_weight=r["value_weight"]) for r in runs if r.get("value_weight")
+                ),
+            )
+            if total["attention_steps"]
+            else "",
+            rows=rows,
+            sha=stats["weights_sha256"],
+        )
+    )
 
 
 def finish(model, stats: dict, args, t_start: float) -> None:
@@ -644,11 +721,21 @@ def main(argv=None) -> int:
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint folder")
     ap.add_argument("--loss-per", choices=("token", "sequence"), default="sequence")
     ap.add_argument("--curriculum", type=float, default=0.1, help="share of joint steps with at most 2 shapes")
-    ap.add_argument("--grow-text-layers", type=int, default=0, metavar="N",
-                    help="with --init: append decoder layers up to N, each starting as the identity")
-    ap.add_argument("--keep", type=_keep, default=None, metavar="TYPE=P,...",
-                    help="ask every colour question of a scene, and each other type with probability P "
-                         "(e.g. count=0.5,left=0.5); default: one question per type")
+    ap.add_argument(
+        "--grow-text-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --init: append decoder layers up to N, each starting as the identity",
+    )
+    ap.add_argument(
+        "--keep",
+        type=_keep,
+        default=None,
+        metavar="TYPE=P,...",
+        help="ask every colour question of a scene, and each other type with probability P "
+        "(e.g. count=0.5,left=0.5); default: one question per type",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()

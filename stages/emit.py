@@ -32,9 +32,7 @@ def body(ctx: stage.StageContext) -> None:
     tokenizer.write_tokenizer_bin(
         ckpt / "tokenizer.model", ctx.out / "tokenizer.bin", vocab.vocab_size, vocab.added_tokens
     )
-    pixels = image.preprocess_with_config(
-        image.load_image(picture), checkpoint_files.preprocessor_config(ckpt)
-    )
+    pixels = image.preprocess_with_config(image.load_image(picture), checkpoint_files.preprocessor_config(ckpt))
     image.save_image_pt(pixels, ctx.out / "image.pt")
     ctx.extra["image_shape"] = list(pixels.shape)
     ctx.extra["vocab_size"] = vocab.vocab_size

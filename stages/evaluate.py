@@ -32,16 +32,28 @@ def body(ctx: stage.StageContext) -> None:
     evaluate.require_same_set(records, evalset.load(e.set, e.scenes, e.seed)[0])
     pixels = torch.load(ref_dir / "pixels.pt", weights_only=True)
 
-    answers = evaluate.runner_answers(pte, tokenizer, records, pixels, e.max_new_tokens,
-                                      progress=lambda xs: ctx.progress(xs, "runner answers"))
-    logps = evaluate.teacher_forced(pte, tokenizer, records, pixels,
-                                    progress=lambda xs: ctx.progress(xs, "teacher-forced logits"))
+    answers = evaluate.runner_answers(
+        pte, tokenizer, records, pixels, e.max_new_tokens, progress=lambda xs: ctx.progress(xs, "runner answers")
+    )
+    logps = evaluate.teacher_forced(
+        pte, tokenizer, records, pixels, progress=lambda xs: ctx.progress(xs, "teacher-forced logits")
+    )
     quality = evaluate.quality_metrics(records, answers, logps, method_bytes(pte))
     speed = evaluate.speed_metrics(answers)
     files.write_json(ctx.out / "quality.json", quality)
-    files.write_json(ctx.out / "answers.json", [
-        {"image": r["image"], "question": r["question"], "answer": r["answer"], "reference": r["text"],
-         "pte": a.text} for r, a in zip(records, answers)])
+    files.write_json(
+        ctx.out / "answers.json",
+        [
+            {
+                "image": r["image"],
+                "question": r["question"],
+                "answer": r["answer"],
+                "reference": r["text"],
+                "pte": a.text,
+            }
+            for r, a in zip(records, answers)
+        ],
+    )
     ctx.metrics.update(speed)
     ctx.summary = evaluate.summary(quality, speed)
     evaluate.check_floors(quality, evaluate.Floors(e.min_accuracy, e.min_agreement, e.min_top1, e.max_kl))

@@ -14,6 +14,7 @@ def body(ctx: stage.StageContext) -> None:
     args = model_io.load_args(src)
     # Cheap check before loading any weights: the group size must divide every decoder linear.
     quantize.check_group_size(model_io.decoder_in_features(args), ctx.cfg.quant)
+
     # Unit by unit (one decoder layer at a time): no fp32 copy of the whole model.
     def on_unit(unit, m):
         ctx.status(f"quantizing {unit}")

@@ -17,8 +17,14 @@ from llava_pipeline import checkpoint_files, evalset, files, image, reference, s
 
 # The config this stage reads, recorded in its manifest: dvc.yaml's params for it. Not the
 # floors (evaluate.min_*), which only the evaluate stage applies.
-SECTIONS = ("evaluate.set", "evaluate.scenes", "evaluate.seed", "evaluate.max_new_tokens",
-            "evaluate.reference_dtype", "evaluate.top_k")
+SECTIONS = (
+    "evaluate.set",
+    "evaluate.scenes",
+    "evaluate.seed",
+    "evaluate.max_new_tokens",
+    "evaluate.reference_dtype",
+    "evaluate.top_k",
+)
 
 
 def body(ctx: stage.StageContext) -> None:
@@ -32,8 +38,15 @@ def body(ctx: stage.StageContext) -> None:
     items, images = evalset.load(e.set, e.scenes, e.seed)
     pre = checkpoint_files.preprocessor_config(ckpt)
     pixels = {name: image.preprocess_with_config(picture, pre) for name, picture in images.items()}
-    records = reference.compute(ckpt, items, pixels, e.reference_dtype, e.max_new_tokens, e.top_k,
-                                progress=lambda xs: ctx.progress(xs, "reference answers"))
+    records = reference.compute(
+        ckpt,
+        items,
+        pixels,
+        e.reference_dtype,
+        e.max_new_tokens,
+        e.top_k,
+        progress=lambda xs: ctx.progress(xs, "reference answers"),
+    )
     torch.save(pixels, ctx.out / "pixels.pt")
     files.write_json(ctx.out / "reference.json", {"dtype": e.reference_dtype, "records": records})
     ctx.extra["questions"] = len(records)

@@ -47,7 +47,7 @@ def run_stage(workdir: Path, name: str, *overrides: str, check: bool = True):
 
 
 def run_pipeline(workdir: Path, start: str = "download", skip: tuple[str, ...] = ()) -> Path:
-    for name in STAGES[STAGES.index(start):]:
+    for name in STAGES[STAGES.index(start) :]:
         if name not in skip:
             run_stage(workdir, name)
     return workdir / "outputs"

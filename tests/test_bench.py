@@ -31,9 +31,11 @@ def test_isolated_failure_is_raised_with_the_child_error():
 
 
 def _run(text_bytes, vision_bytes, walls):
-    return {"method_bytes": {"text_decoder": text_bytes, "vision_encoder": vision_bytes, "token_embedding": 100},
-            "pte_bytes": text_bytes + vision_bytes + 100,
-            "stages": {f"s{i}": {"process_wall_s": w, "peak_rss_mb": 1.0} for i, w in enumerate(walls)}}
+    return {
+        "method_bytes": {"text_decoder": text_bytes, "vision_encoder": vision_bytes, "token_embedding": 100},
+        "pte_bytes": text_bytes + vision_bytes + 100,
+        "stages": {f"s{i}": {"process_wall_s": w, "peak_rss_mb": 1.0} for i, w in enumerate(walls)},
+    }
 
 
 def test_extrapolation_from_two_depths():
@@ -49,17 +51,48 @@ def test_extrapolation_from_two_depths():
 
 
 def _rows():
-    rt = {"kind": "runtime", "threads": 2, "bandwidth_gb_s": 40.0, "rows": [
-        {"model": "llava-7b-shape", "engine": "executorch", "variant": "8da4w", "text_decode_tok_s": 110.0,
-         "text_prefill600_s": 0.6, "rss_above_base_mb": 1100.0, "text_rss_above_base_mb": 900.0,
-         "text_fraction_of_limit": 0.85},
-        {"model": "llava-7b-shape", "engine": "transformers", "variant": "bf16", "text_decode_tok_s": 12.0,
-         "text_prefill600_s": 1.4, "rss_above_base_mb": 2000.0},
-    ]}
-    peers = {"kind": "peers", "threads": 2, "prompt_tokens": 600, "decode_tokens": 64, "rows": [
-        {"engine": "llama.cpp", "variant": "Q4_0", "decode_tok_s": 80.0, "prefill_s": 1.3, "rss_above_base_mb": 800.0,
-         "file_mb": 300.0, "prefill_tok_s": 460.0},
-    ]}
+    rt = {
+        "kind": "runtime",
+        "threads": 2,
+        "bandwidth_gb_s": 40.0,
+        "rows": [
+            {
+                "model": "llava-7b-shape",
+                "engine": "executorch",
+                "variant": "8da4w",
+                "text_decode_tok_s": 110.0,
+                "text_prefill600_s": 0.6,
+                "rss_above_base_mb": 1100.0,
+                "text_rss_above_base_mb": 900.0,
+                "text_fraction_of_limit": 0.85,
+            },
+            {
+                "model": "llava-7b-shape",
+                "engine": "transformers",
+                "variant": "bf16",
+                "text_decode_tok_s": 12.0,
+                "text_prefill600_s": 1.4,
+                "rss_above_base_mb": 2000.0,
+            },
+        ],
+    }
+    peers = {
+        "kind": "peers",
+        "threads": 2,
+        "prompt_tokens": 600,
+        "decode_tokens": 64,
+        "rows": [
+            {
+                "engine": "llama.cpp",
+                "variant": "Q4_0",
+                "decode_tok_s": 80.0,
+                "prefill_s": 1.3,
+                "rss_above_base_mb": 800.0,
+                "file_mb": 300.0,
+                "prefill_tok_s": 460.0,
+            },
+        ],
+    }
     return rt, peers
 
 

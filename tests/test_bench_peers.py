@@ -58,7 +58,8 @@ def _check_extracted(out: Path, ref: dict[str, torch.Tensor], dtype) -> None:
         assert got[k].dtype == dtype, k
         assert torch.equal(got[k], v.detach()), k
     assert (out / "tokenizer.model").read_bytes() == (
-        SP_MODEL.read_bytes() if SP_MODEL.is_file() else b"sentencepiece stand-in")
+        SP_MODEL.read_bytes() if SP_MODEL.is_file() else b"sentencepiece stand-in"
+    )
     llama = LlamaForCausalLM.from_pretrained(str(out), dtype=dtype)
     ids = torch.tensor([[1, 5, 900, 31999]])
     with torch.no_grad():
@@ -67,15 +68,22 @@ def _check_extracted(out: Path, ref: dict[str, torch.Tensor], dtype) -> None:
 
 
 def test_text_key_both_layouts():
-    assert text_model.text_key("language_model.model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
-    assert text_model.text_key("model.language_model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    assert (
+        text_model.text_key("language_model.model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    )
+    assert (
+        text_model.text_key("model.language_model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    )
     assert text_model.text_key("language_model.model.embed_tokens.weight") == "model.embed_tokens.weight"
     assert text_model.text_key("model.language_model.norm.weight") == "model.norm.weight"
     assert text_model.text_key("language_model.lm_head.weight") == "lm_head.weight"
     assert text_model.text_key("lm_head.weight") == "lm_head.weight"
-    for name in ("model.vision_tower.vision_model.embeddings.patch_embedding.weight",
-                 "vision_tower.vision_model.post_layernorm.bias",
-                 "multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_2.bias"):
+    for name in (
+        "model.vision_tower.vision_model.embeddings.patch_embedding.weight",
+        "vision_tower.vision_model.post_layernorm.bias",
+        "multi_modal_projector.linear_1.weight",
+        "model.multi_modal_projector.linear_2.bias",
+    ):
         assert text_model.text_key(name) is None
 
 
@@ -100,7 +108,7 @@ def test_extract_sharded_v5_names_bf16(tmp_path):
     tiny_llava_config().save_pretrained(ckpt)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     names = sorted(sd)
-    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
     weight_map = {}
     for i, part in enumerate(halves, 1):
         file = f"model-{i:05d}-of-00002.safetensors"
@@ -134,9 +142,13 @@ def test_prompt_ids_are_fixed():
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "bench.peers", *args],
-                          cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "bench.peers", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_cli_missing_checkpoint(tmp_path):

@@ -36,9 +36,14 @@ def test_bandwidth_limit_and_rates():
 
 
 def test_add_bandwidth_fields():
-    row = {"weight_bytes_per_token": 1_000_000, "kv_bytes_per_position": 1000,
-           "decode_mean_context": 500.0, "decode_tok_s": 5000.0,
-           "text_decode_mean_context": 1000.0, "text_decode_tok_s": None}
+    row = {
+        "weight_bytes_per_token": 1_000_000,
+        "kv_bytes_per_position": 1000,
+        "decode_mean_context": 500.0,
+        "decode_tok_s": 5000.0,
+        "text_decode_mean_context": 1000.0,
+        "text_decode_tok_s": None,
+    }
     rates.add_bandwidth_fields(row, 30.0)
     assert row["kv_bytes_per_token"] == 500_000
     assert row["bandwidth_limit_tok_s"] == pytest.approx(30e9 / 1.5e6)
@@ -95,10 +100,23 @@ def test_hf_text_bytes_counts_decoder_and_head_not_embedding():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     def build(tied: bool, dtype):
-        text = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tied)
-        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=28, patch_size=14)
+        text = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            tie_word_embeddings=tied,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
         cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=99, tie_word_embeddings=tied)
         return LlavaForConditionalGeneration(cfg).to(dtype)
 
@@ -138,17 +156,30 @@ def _fake_isolated(calls):
         calls.append((func, kwargs, threads))
         rss = {"rss_base_mb": 100.0, "rss_peak_mb": 150.0, "rss_above_base_mb": 50.0}
         if func == "bandwidth_case":
-            return {"bandwidth_gb_s": 20.0, "bandwidth_by_kernel_gb_s": {"sum": 20.0}, "bandwidth_bytes": 1,
-                    "bandwidth_threads": threads, **rss}
+            return {
+                "bandwidth_gb_s": 20.0,
+                "bandwidth_by_kernel_gb_s": {"sum": 20.0},
+                "bandwidth_bytes": 1,
+                "bandwidth_threads": threads,
+                **rss,
+            }
         ids = [1, 2, -1, 3]
         if func == "executorch_runner_case":
             return {"decode_tok_s": 10.0, "decode_mean_context": 100.0, "prompt_ids": ids, **rss}
         if func == "executorch_methods_case":
             return {"text_decode_tok_s": 20.0, "text_decode_mean_context": 200.0, **rss}
         assert func == "transformers_case"
-        return {"decode_tok_s": 5.0, "decode_mean_context": 100.0, "text_decode_tok_s": 4.0,
-                "text_decode_mean_context": 200.0, "weight_bytes_per_token": 2_000_000_000,
-                "kv_bytes_per_position": 0, "prompt_ids": ids if kwargs["dtype"] == "fp32" else [9], **rss}
+        return {
+            "decode_tok_s": 5.0,
+            "decode_mean_context": 100.0,
+            "text_decode_tok_s": 4.0,
+            "text_decode_mean_context": 200.0,
+            "weight_bytes_per_token": 2_000_000_000,
+            "kv_bytes_per_position": 0,
+            "prompt_ids": ids if kwargs["dtype"] == "fp32" else [9],
+            **rss,
+        }
+
     return isolated
 
 
@@ -156,9 +187,16 @@ def _fake_ptes(tmp_path, monkeypatch, kv_bytes_per_position: int) -> None:
     """a.pte, b.pte and tokenizer.bin in tmp_path (the cwd), each counted as 1 GB of weights."""
     for name in ("a.pte", "b.pte", "tokenizer.bin"):
         (tmp_path / name).write_bytes(b"12345")
-    counted = pte_bytes.PteBytes(weight_bytes=1_000_000_000, named_data_bytes=1, inline_constant_bytes=0,
-                          other_constant_bytes=0, position_table_bytes=0,
-                          kv_bytes_per_position=kv_bytes_per_position, kv_buffers=4, delegates=1)
+    counted = pte_bytes.PteBytes(
+        weight_bytes=1_000_000_000,
+        named_data_bytes=1,
+        inline_constant_bytes=0,
+        other_constant_bytes=0,
+        position_table_bytes=0,
+        kv_bytes_per_position=kv_bytes_per_position,
+        kv_buffers=4,
+        delegates=1,
+    )
     monkeypatch.setattr(rt, "pte_method_bytes", lambda pte: counted)
     monkeypatch.chdir(tmp_path)
 
@@ -166,16 +204,36 @@ def _fake_ptes(tmp_path, monkeypatch, kv_bytes_per_position: int) -> None:
 def test_measure_all_rows_with_fake_cases(tmp_path, monkeypatch):
     _fake_ptes(tmp_path, monkeypatch, kv_bytes_per_position=1_000_000)
     calls = []
-    result = rt.measure_all([("q", tmp_path / "a.pte"), ("f", tmp_path / "b.pte")], tmp_path, tmp_path / "img.jpg",
-                            "Q?", tokenizer=tmp_path / "tokenizer.bin", threads=2, hf_dtypes=("fp32", "bf16"),
-                            isolated=_fake_isolated(calls))
-    assert [c[0] for c in calls] == ["bandwidth_case", "executorch_runner_case", "executorch_methods_case",
-                                     "bandwidth_case", "executorch_runner_case", "executorch_methods_case",
-                                     "bandwidth_case", "transformers_case", "bandwidth_case", "transformers_case",
-                                     "bandwidth_case"]
+    result = rt.measure_all(
+        [("q", tmp_path / "a.pte"), ("f", tmp_path / "b.pte")],
+        tmp_path,
+        tmp_path / "img.jpg",
+        "Q?",
+        tokenizer=tmp_path / "tokenizer.bin",
+        threads=2,
+        hf_dtypes=("fp32", "bf16"),
+        isolated=_fake_isolated(calls),
+    )
+    assert [c[0] for c in calls] == [
+        "bandwidth_case",
+        "executorch_runner_case",
+        "executorch_methods_case",
+        "bandwidth_case",
+        "executorch_runner_case",
+        "executorch_methods_case",
+        "bandwidth_case",
+        "transformers_case",
+        "bandwidth_case",
+        "transformers_case",
+        "bandwidth_case",
+    ]
     assert all(c[2] == 2 for c in calls)
     assert [(r["engine"], r["variant"]) for r in result["rows"]] == [
-        ("executorch", "q"), ("executorch", "f"), ("transformers", "fp32"), ("transformers", "bf16")]
+        ("executorch", "q"),
+        ("executorch", "f"),
+        ("transformers", "fp32"),
+        ("transformers", "bf16"),
+    ]
     q = result["rows"][0]
     # the text decode streams 1 GB weights + 1 MB x 200 positions 20 times a second: 24 GB/s,
     # above the 20 GB/s probe, so 24 GB/s is the machine's; runner decode (context 100): 21.8 tok/s
@@ -211,9 +269,15 @@ def test_executorch_cases_in_several_processes_give_medians(tmp_path, monkeypatc
             out["bandwidth_gb_s"] = next(bandwidths)
         return out
 
-    result = rt.measure_all([("q", tmp_path / "a.pte"), ("f", tmp_path / "b.pte")], tmp_path, tmp_path / "i.jpg",
-                            tokenizer=tmp_path / "tokenizer.bin", engines=("executorch",),
-                            processes={"q": 3}, isolated=isolated)
+    result = rt.measure_all(
+        [("q", tmp_path / "a.pte"), ("f", tmp_path / "b.pte")],
+        tmp_path,
+        tmp_path / "i.jpg",
+        tokenizer=tmp_path / "tokenizer.bin",
+        engines=("executorch",),
+        processes={"q": 3},
+        isolated=isolated,
+    )
     names = [c[0] for c in calls]
     assert names.count("executorch_runner_case") == 4 and names.count("executorch_methods_case") == 4
     q, f = result["rows"]
@@ -226,12 +290,26 @@ def test_executorch_cases_in_several_processes_give_medians(tmp_path, monkeypatc
 
 
 def test_a_decode_faster_than_the_probe_sets_the_limit():
-    rows = [{"engine": "executorch", "variant": "fp32", "weight_bytes_per_token": 2_000_000_000,
-             "kv_bytes_per_position": 0, "decode_mean_context": 10.0, "decode_tok_s": 20.0,
-             "weights_fit_in_cache": False},
-            {"engine": "executorch", "variant": "tiny", "weight_bytes_per_token": 1_000_000,
-             "kv_bytes_per_position": 0, "decode_mean_context": 10.0, "decode_tok_s": 90000.0,
-             "weights_fit_in_cache": True}]
+    rows = [
+        {
+            "engine": "executorch",
+            "variant": "fp32",
+            "weight_bytes_per_token": 2_000_000_000,
+            "kv_bytes_per_position": 0,
+            "decode_mean_context": 10.0,
+            "decode_tok_s": 20.0,
+            "weights_fit_in_cache": False,
+        },
+        {
+            "engine": "executorch",
+            "variant": "tiny",
+            "weight_bytes_per_token": 1_000_000,
+            "kv_bytes_per_position": 0,
+            "decode_mean_context": 10.0,
+            "decode_tok_s": 90000.0,
+            "weights_fit_in_cache": True,
+        },
+    ]
     rows = [rates.add_bandwidth_fields(r, 30.0) for r in rows]
     assert rows[0]["achieved_gb_s"] == 40.0 and rows[0]["fraction_of_limit"] > 1
     # 40 GB/s streamed from DRAM beats the 30 GB/s probe; the cache-resident 90 GB/s does not count
@@ -240,8 +318,11 @@ def test_a_decode_faster_than_the_probe_sets_the_limit():
 
 
 def test_merge_processes():
-    runs = [{"a": 1.0, "b": None, "c": "x", "n": 2}, {"a": 3.0, "b": 1.0, "c": "y", "n": 4},
-            {"a": 2.0, "b": 2.0, "c": "z", "n": 3}]
+    runs = [
+        {"a": 1.0, "b": None, "c": "x", "n": 2},
+        {"a": 3.0, "b": 1.0, "c": "y", "n": 4},
+        {"a": 2.0, "b": 2.0, "c": "z", "n": 3},
+    ]
     assert rates.merge_processes(runs) == {"a": 2.0, "b": None, "c": "x", "n": 3, "processes": 3}
     assert rates.merge_processes(runs[:1]) == {**runs[0], "processes": 1}
 
@@ -268,8 +349,10 @@ def test_cli_pairs_labels_and_writes_sorted_json(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rt, "measure_all", fake)
     out = tmp_path / "bench" / "runtime-x.json"
+    # fmt: off
     argv = ["--pte", "a.pte", "--label", "8da4w", "--pte", "b.pte", "--pte", "c.pte", "--label", "fp32",
             "--checkpoint", "ck", "--image", "i.jpg", "--out", str(out), "--decode-tokens", "5", "--hf-dtypes", "bf16"]
+    # fmt: on
     assert rt.main(argv) == 0
     assert seen["ptes"] == [("8da4w", Path("a.pte")), Path("b.pte"), ("fp32", Path("c.pte"))]
     assert seen["decode_tokens"] == 5 and seen["hf_dtypes"] == ("bf16",) and seen["prompt"] == rt.DEFAULT_QUESTION
@@ -327,9 +410,15 @@ def test_pte_bytes_match_the_checkpoint(export_fp32, export_8da4w):
 def test_measure_all_on_the_tiny_export(export_8da4w, monkeypatch):
     root = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(root)
-    result = rt.measure_all([export_8da4w / "llava.pte"], export_8da4w / "download",
-                            root / "assets" / "images" / "coffee.jpg", decode_tokens=4, repeats=1,
-                            hf_dtypes=("fp32",), bandwidth_gib=0.125)
+    result = rt.measure_all(
+        [export_8da4w / "llava.pte"],
+        export_8da4w / "download",
+        root / "assets" / "images" / "coffee.jpg",
+        decode_tokens=4,
+        repeats=1,
+        hf_dtypes=("fp32",),
+        bandwidth_gib=0.125,
+    )
     text = json.dumps(result, sort_keys=True)
     assert str(export_8da4w) not in text and "/tmp" not in text
     assert result["bandwidth_gb_s"] > 0.5
@@ -338,8 +427,17 @@ def test_measure_all_on_the_tiny_export(export_8da4w, monkeypatch):
     for row in (et, hf):
         assert row["prompt_ids_match_executorch"] is True
         assert row["prompt_tokens"] == 19 and row["image_tokens"] == 576
-        for key in ("image_encode_s", "prefill_s", "decode_tok_s", "text_prefill600_s", "text_decode_tok_s",
-                    "bandwidth_limit_tok_s", "fraction_of_limit", "text_fraction_of_limit", "rss_above_base_mb"):
+        for key in (
+            "image_encode_s",
+            "prefill_s",
+            "decode_tok_s",
+            "text_prefill600_s",
+            "text_decode_tok_s",
+            "bandwidth_limit_tok_s",
+            "fraction_of_limit",
+            "text_fraction_of_limit",
+            "rss_above_base_mb",
+        ):
             assert row[key] > 0, key
     # the text methods alone hold less than the whole program (vision encoder loaded after them)
     assert 0 < et["text_rss_above_base_mb"] < et["methods_rss_above_base_mb"]

@@ -51,8 +51,14 @@ def _accuracy(items, scale: int = 1):
     pre = checkpoint_files.preprocessor_config(BUILTIN_TINY)
     scenes = {id(i.scene): i.scene for i in items}
     pixels = {str(k): image.preprocess_with_config(shapes.render(s, scale), pre) for k, s in scenes.items()}
-    records = reference.compute(BUILTIN_TINY, [evalset.EvalItem(str(id(i.scene)), i.qtype, i.question, i.answer)
-                                               for i in items], pixels, "float32", 24, 1)
+    records = reference.compute(
+        BUILTIN_TINY,
+        [evalset.EvalItem(str(id(i.scene)), i.qtype, i.question, i.answer) for i in items],
+        pixels,
+        "float32",
+        24,
+        1,
+    )
     hits: dict[str, list[bool]] = {}
     for rec in records:
         hits.setdefault(rec["qtype"], []).append(rec["text"] == rec["answer"])
@@ -86,8 +92,9 @@ def test_sample_image_count_left_and_a_description_in_the_grammar():
     assert shapes.describe(scene) == "a green triangle, a red square and a yellow circle"
     pixels = {"s": image.preprocess_with_config(picture, checkpoint_files.preprocessor_config(BUILTIN_TINY))}
     questions = [shapes.COUNT_Q, shapes.LEFT_Q, shapes.DESCRIBE_Q]
-    recs = reference.compute(BUILTIN_TINY, [evalset.EvalItem("s", "q", q, None) for q in questions], pixels,
-                             "float32", 24, 1)
+    recs = reference.compute(
+        BUILTIN_TINY, [evalset.EvalItem("s", "q", q, None) for q in questions], pixels, "float32", 24, 1
+    )
     assert [r["text"] for r in recs[:2]] == ["three", "triangle"]
     one = r"a (red|green|blue|yellow) (circle|square|triangle)"
     match = re.fullmatch(f"{one}, {one} and {one}", recs[2]["text"])

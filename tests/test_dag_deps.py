@@ -66,8 +66,11 @@ def test_deps_list_every_module_the_stage_imports(name):
     deps = [ROOT / d for d in STAGES[name]["deps"]]
     listed = lambda p: any(p == d or d in p.parents for d in deps)  # noqa: E731
     code = _closure(ROOT / "stages" / f"{name}.py")
-    missing = sorted(p.relative_to(ROOT).as_posix() for p in code
-                     if not listed(p) and not (p.name == "__init__.py" and not p.read_text().strip()))
+    missing = sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in code
+        if not listed(p) and not (p.name == "__init__.py" and not p.read_text().strip())
+    )
     assert not missing, f"dvc.yaml stage {name}: add to deps: {missing}"
 
 
@@ -117,8 +120,9 @@ def test_committed_lock_matches_the_checked_in_sources_and_params():
         locked = {dep["path"] for dep in entry.get("deps", [])}
         wanted = {_interpolate(d, params) for d in declared[name].get("deps", [])}
         if locked != wanted:  # a dep added to or dropped from dvc.yaml since the lock was written
-            stale.append(f"{name}: deps not in the lock {sorted(wanted - locked)}, "
-                         f"no longer declared {sorted(locked - wanted)}")
+            stale.append(
+                f"{name}: deps not in the lock {sorted(wanted - locked)}, no longer declared {sorted(locked - wanted)}"
+            )
         for dep in entry.get("deps", []):
             path = ROOT / dep["path"]
             if not path.exists() and not dep["path"].startswith("outputs/"):

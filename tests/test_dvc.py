@@ -47,15 +47,22 @@ def project(tmp_path_factory, export_8da4w) -> Path:
     outputs of the default export that the stages wrote (conftest's export_8da4w: every stage
     run by `python -m stages.<name>`, as dvc.yaml's commands are) put in place."""
     dst = tmp_path_factory.mktemp("project")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         if (ROOT / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"],
+    ):
         _sh(cmd, dst)
     (dst / "outputs").mkdir()
     for path in export_8da4w.iterdir():
@@ -120,15 +127,18 @@ def _would_rerun(project: Path, key: str, value) -> set[str]:
 QUANT_ON = {"quantize", "partition", "to_executorch", "emit", "evaluate"}
 
 
-@pytest.mark.parametrize("key, value, stages", [
-    # The reference depends on download only: a quantization change never recomputes it.
-    ("quant.group_size", 64, QUANT_ON),
-    ("quant.vision", "8da8w", QUANT_ON),
-    ("export.max_seq_len", 700, {"source_transform"} | QUANT_ON),
-    ("export.kv_cache", "int8", {"source_transform"} | QUANT_ON),
-    ("evaluate.scenes", 20, {"reference", "evaluate"}),
-    ("evaluate.min_top1", 0.5, {"evaluate"}),
-])
+@pytest.mark.parametrize(
+    "key, value, stages",
+    [
+        # The reference depends on download only: a quantization change never recomputes it.
+        ("quant.group_size", 64, QUANT_ON),
+        ("quant.vision", "8da8w", QUANT_ON),
+        ("export.max_seq_len", 700, {"source_transform"} | QUANT_ON),
+        ("export.kv_cache", "int8", {"source_transform"} | QUANT_ON),
+        ("evaluate.scenes", 20, {"reference", "evaluate"}),
+        ("evaluate.min_top1", 0.5, {"evaluate"}),
+    ],
+)
 def test_a_parameter_change_reruns_what_depends_on_it(project, key, value, stages):
     assert _would_rerun(project, key, value) == stages
 
@@ -158,8 +168,7 @@ def test_queued_experiment_runs_from_quantize_and_carries_its_metrics(project):
 
     shown = json.loads(_stdout(["dvc", "exp", "show", "--json", "--no-pager"], project))
     exps = [r for row in shown for e in (row.get("experiments") or []) for r in e["revs"]]
-    mine = [r["data"] for r in exps
-            if r["data"]["params"]["params.yaml"]["data"]["quant"]["group_size"] == 64]
+    mine = [r["data"] for r in exps if r["data"]["params"]["params.yaml"]["data"]["quant"]["group_size"] == 64]
     assert mine, shown
     quality = mine[-1]["metrics"]["metrics/quality.json"]["data"]
     assert set(quality["accuracy"]) == {"count", "color", "left", "describe"}

@@ -51,7 +51,7 @@ def _hf_inputs(processor, workdir):
 def _split_at_image(ids: list[int], image_id: int) -> tuple[list[int], list[int]]:
     first = ids.index(image_id)
     last = len(ids) - 1 - ids[::-1].index(image_id)
-    return ids[:first], ids[last + 1:]
+    return ids[:first], ids[last + 1 :]
 
 
 def _pieces(tokenizer_bin, ids) -> list[bytes]:
@@ -71,7 +71,7 @@ def test_fp32_runner_equals_transformers_generate(export_fp32):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     prompt_ids = inputs["input_ids"][0].tolist()
-    hf_new = out[0, len(prompt_ids):].tolist()
+    hf_new = out[0, len(prompt_ids) :].tolist()
     eos = model.config.text_config.eos_token_id
     assert eos in hf_new, hf_new  # the trained model ends its answer with </s>
     answer = hf_new[: hf_new.index(eos)]
@@ -98,7 +98,7 @@ def test_fp32_runner_fills_the_context_like_transformers(export_random):
     room = 768 - len(prompt_ids)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=room, do_sample=False)
-    hf_new = out[0, len(prompt_ids):].tolist()
+    hf_new = out[0, len(prompt_ids) :].tolist()
     assert len(hf_new) == room
     pixels = torch.load(export_fp32 / "image.pt")
     before, after = _split_at_image(prompt_ids, model.config.image_token_id)
@@ -116,7 +116,8 @@ def test_fp32_runner_text_prompt_equals_hf_ids(export_fp32):
     seg = tok_mod.runner_prompt_segments(QUESTION)
     by_text = Runner(export_fp32 / "llava.pte", export_fp32 / "tokenizer.bin").generate(
         [text_input(seg.before_image), image_input(pixels), text_input(seg.after_image)],
-        max_new_tokens=8, num_bos=1,
+        max_new_tokens=8,
+        num_bos=1,
     )
     by_ids = _run(export_fp32, [token_input(before), image_input(pixels), token_input(after)], n=8)
     assert by_text.pieces == by_ids.pieces
@@ -139,9 +140,9 @@ def test_8da4w_top1_agreement(export_8da4w, export_fp32, record_property):
 
     seq = torch.tensor([prompt_ids + q_ids])
     with torch.no_grad():
-        logits = model(
-            input_ids=seq, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(seq)
-        ).logits[0]
+        logits = model(input_ids=seq, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(seq)).logits[
+            0
+        ]
     fp_top1 = logits[len(prompt_ids) - 1 : -1].argmax(-1).tolist()
     eager_top1 = _eager_top1(export_8da4w / "quantize", pixels, before, after, q_ids)
     agree = sum(a == b for a, b in zip(fp_top1, q_ids)) / len(q_ids)

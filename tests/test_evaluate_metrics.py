@@ -16,9 +16,17 @@ V = 8
 def _record(qtype, answer, text, ids, logits):
     logp = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), dim=-1)
     top = logp.topk(4, dim=-1)
-    return {"image": "a", "qtype": qtype, "question": "q", "answer": answer, "text": text, "ids": ids,
-            "logp": [float(logp[i, t]) for i, t in enumerate(ids)], "top_ids": top.indices.tolist(),
-            "top_logp": top.values.tolist()}, logp
+    return {
+        "image": "a",
+        "qtype": qtype,
+        "question": "q",
+        "answer": answer,
+        "text": text,
+        "ids": ids,
+        "logp": [float(logp[i, t]) for i, t in enumerate(ids)],
+        "top_ids": top.indices.tolist(),
+        "top_logp": top.values.tolist(),
+    }, logp
 
 
 def _answer(text):
@@ -72,12 +80,15 @@ def test_no_right_answers_no_accuracy():
     assert "accuracy" not in evaluate.summary(m)
 
 
-@pytest.mark.parametrize("floors, needle", [
-    (evaluate.Floors(min_accuracy=0.9), "accuracy.left = 0.5 is below evaluate.min_accuracy = 0.9"),
-    (evaluate.Floors(min_agreement=0.8), "agreement = 0.7 is below evaluate.min_agreement = 0.8"),
-    (evaluate.Floors(min_top1=0.99), "top1 = 0.95 is below evaluate.min_top1 = 0.99"),
-    (evaluate.Floors(max_kl=0.01), "kl = 0.02 is above evaluate.max_kl = 0.01"),
-])
+@pytest.mark.parametrize(
+    "floors, needle",
+    [
+        (evaluate.Floors(min_accuracy=0.9), "accuracy.left = 0.5 is below evaluate.min_accuracy = 0.9"),
+        (evaluate.Floors(min_agreement=0.8), "agreement = 0.7 is below evaluate.min_agreement = 0.8"),
+        (evaluate.Floors(min_top1=0.99), "top1 = 0.95 is below evaluate.min_top1 = 0.99"),
+        (evaluate.Floors(max_kl=0.01), "kl = 0.02 is above evaluate.max_kl = 0.01"),
+    ],
+)
 def test_floors_name_metric_value_and_floor(floors, needle):
     metrics = {"accuracy": {"count": 1.0, "left": 0.5}, "agreement": 0.7, "top1": 0.95, "kl": 0.02}
     with pytest.raises(PipelineError) as e:
@@ -91,7 +102,10 @@ def test_floors_pass_at_the_floor():
 
 
 def test_speed_metrics_medians_and_rates():
-    answers = [evaluate.Answer("x", 0.1, 0.5, 10, 5, 0.4), evaluate.Answer("y", 0.3, 0.5, 10, 1, 0.0),
-               evaluate.Answer("z", 0.2, 1.0, 20, 3, 0.2)]
+    answers = [
+        evaluate.Answer("x", 0.1, 0.5, 10, 5, 0.4),
+        evaluate.Answer("y", 0.3, 0.5, 10, 1, 0.0),
+        evaluate.Answer("z", 0.2, 1.0, 20, 3, 0.2),
+    ]
     s = evaluate.speed_metrics(answers)
     assert s == {"image_encode_s": 0.2, "prefill_tok_s": 20.0, "decode_tok_s": 10.0}

@@ -111,8 +111,13 @@ def test_a_user_folder_eval_set(export_8da4w, tmp_path):
         rows.append({"image": f"s{i}.png", "question": item.question, "answer": item.answer, "type": item.qtype})
     rows.append({"image": "s0.png", "question": "What is this?"})  # no right answer
     (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    work = make_workdir(tmp_path / "w", evaluate__set=str(folder), evaluate__min_accuracy=0.0,
-                        evaluate__min_agreement=0.0, evaluate__min_top1=0.0)
+    work = make_workdir(
+        tmp_path / "w",
+        evaluate__set=str(folder),
+        evaluate__min_accuracy=0.0,
+        evaluate__min_agreement=0.0,
+        evaluate__min_top1=0.0,
+    )
     (work / "outputs").mkdir()
     for name in ("download", "emit"):
         shutil.copytree(export_8da4w / name, work / "outputs" / name)

@@ -17,8 +17,7 @@ INT8 = [*FP32, "quantized_kv_cache"]
 @pytest.fixture(scope="module")
 def models():
     plain = from_hf_model(make_tiny_llava(0), 768)
-    return (apply_source_transforms(copy.deepcopy(plain), FP32),
-            apply_source_transforms(copy.deepcopy(plain), INT8))
+    return (apply_source_transforms(copy.deepcopy(plain), FP32), apply_source_transforms(copy.deepcopy(plain), INT8))
 
 
 @torch.no_grad()
@@ -42,11 +41,16 @@ def test_checks_see_the_quantized_pieces(models):
     check_custom_ops(int8, INT8)
     with pytest.raises(RuntimeError, match="quantized_kv_cache"):
         check_custom_ops(fp32, INT8)
-    ep = torch.export.export(copy.deepcopy(int8).text_decoder, (torch.randn(1, 3, 64), torch.tensor([0])),
-                             dynamic_shapes=({1: torch.export.Dim("seq", min=1, max=768)}, None), strict=False)
+    ep = torch.export.export(
+        copy.deepcopy(int8).text_decoder,
+        (torch.randn(1, 3, 64), torch.tensor([0])),
+        dynamic_shapes=({1: torch.export.Dim("seq", min=1, max=768)}, None),
+        strict=False,
+    )
     check_custom_ops(ep, INT8)
-    fp32_ep = torch.export.export(copy.deepcopy(fp32).text_decoder, (torch.randn(1, 3, 64), torch.tensor([0])),
-                                  strict=False)
+    fp32_ep = torch.export.export(
+        copy.deepcopy(fp32).text_decoder, (torch.randn(1, 3, 64), torch.tensor([0])), strict=False
+    )
     with pytest.raises(RuntimeError, match="custom_quantized_sdpa"):
         check_custom_ops(fp32_ep, INT8)
 
@@ -67,8 +71,11 @@ def test_int8_cache_pipeline_passes_the_verifier(export_options, export_8da4w):
         total = 0
         for v in plan.values:
             t = v.val
-            if getattr(t, "allocation_info", None) is not None and len(getattr(t, "sizes", [])) == 4 \
-                    and t.sizes[1] == 768:
+            if (
+                getattr(t, "allocation_info", None) is not None
+                and len(getattr(t, "sizes", [])) == 4
+                and t.sizes[1] == 768
+            ):
                 n = 1
                 for s in t.sizes:
                     n *= s

@@ -127,8 +127,10 @@ def describe(cycle: list[Path], graph) -> str:
 
 
 def test_the_graph_sees_top_level_and_function_local_imports():
-    source = ("import torch\nfrom . import measure\nfrom llava_pipeline.stage import run\n\n"
-              "def f():\n    from llava_pipeline.config import load\n")
+    source = (
+        "import torch\nfrom . import measure\nfrom llava_pipeline.stage import run\n\n"
+        "def f():\n    from llava_pipeline.config import load\n"
+    )
     assert _edges(BENCH / "x.py", source) == {
         BENCH / "__init__.py": ["line 2"],
         BENCH / "measure.py": ["line 2"],
@@ -140,33 +142,50 @@ def test_the_graph_sees_top_level_and_function_local_imports():
         BENCH / "measure.py": ["line 2"],
     }
     graph = import_graph()
-    assert {BENCH / "runtime.py", BENCH / "peers" / "timing.py", STAGES / "evaluate.py", PACKAGE / "stage.py"} <= set(graph)
-    assert cycles({Path("a"): {Path("b"): ["line 1"]}, Path("b"): {Path("a"): ["line 2, in a function"]}}) \
-        == [[Path("a"), Path("b"), Path("a")]]
+    assert {BENCH / "runtime.py", BENCH / "peers" / "timing.py", STAGES / "evaluate.py", PACKAGE / "stage.py"} <= set(
+        graph
+    )
+    assert cycles({Path("a"): {Path("b"): ["line 1"]}, Path("b"): {Path("a"): ["line 2, in a function"]}}) == [
+        [Path("a"), Path("b"), Path("a")]
+    ]
 
 
 def test_the_package_import_graph_has_no_cycles():
     graph = import_graph()
     found = cycles(graph)
     if found:
-        pytest.fail("import cycles in llava_pipeline / stages / bench:\n  " + "\n  ".join(describe(c, graph) for c in found))
+        pytest.fail(
+            "import cycles in llava_pipeline / stages / bench:\n  " + "\n  ".join(describe(c, graph) for c in found)
+        )
 
 
 # Command-line entry points: the top of the graph, imported by no module of the package.
-ENTRY_POINTS = (PACKAGE / "run.py", PACKAGE / "verify" / "__main__.py", BENCH / "__main__.py",
-                BENCH / "peers" / "__main__.py")
+ENTRY_POINTS = (
+    PACKAGE / "run.py",
+    PACKAGE / "verify" / "__main__.py",
+    BENCH / "__main__.py",
+    BENCH / "peers" / "__main__.py",
+)
 
 
 def test_no_module_imports_a_command_line_entry_point():
     graph = import_graph()
-    found = [f"{_dotted(a)} imports {_dotted(b)} ({'; '.join(where)})"
-             for a, edges in graph.items() for b, where in edges.items() if b in ENTRY_POINTS]
+    found = [
+        f"{_dotted(a)} imports {_dotted(b)} ({'; '.join(where)})"
+        for a, edges in graph.items()
+        for b, where in edges.items()
+        if b in ENTRY_POINTS
+    ]
     assert not found, found
 
 
 def test_the_library_and_the_stages_do_not_import_bench():
     graph = import_graph()
-    found = [f"{_dotted(a)} imports {_dotted(b)} ({'; '.join(where)})"
-             for a, edges in graph.items() if BENCH not in a.parents
-             for b, where in edges.items() if BENCH in b.parents]
+    found = [
+        f"{_dotted(a)} imports {_dotted(b)} ({'; '.join(where)})"
+        for a, edges in graph.items()
+        if BENCH not in a.parents
+        for b, where in edges.items()
+        if BENCH in b.parents
+    ]
     assert not found, found

@@ -51,9 +51,14 @@ def pictures(tmp_path_factory) -> dict[str, Path]:
         "scene_1x336.png": scene.resize((1, 336), Image.Resampling.BICUBIC),  # one pixel wide
         "scene_gray.png": scene.convert("L"),  # stb: 1 channel
         "scene_gray_alpha.png": Image.merge("LA", (scene.convert("L"), Image.new("L", scene.size, 200))),
-        "scene_rgba_672.png": Image.fromarray(np.dstack([  # 4 channels, alpha from 100 to 255
-            np.asarray(scene.resize((672, 672), Image.Resampling.BICUBIC)),
-            np.tile(np.linspace(100, 255, 672).astype(np.uint8), (672, 1))])),
+        "scene_rgba_672.png": Image.fromarray(
+            np.dstack(
+                [  # 4 channels, alpha from 100 to 255
+                    np.asarray(scene.resize((672, 672), Image.Resampling.BICUBIC)),
+                    np.tile(np.linspace(100, 255, 672).astype(np.uint8), (672, 1)),
+                ]
+            )
+        ),
         "scene.png": scene,
     }
     for name, picture in files.items():
@@ -88,13 +93,17 @@ class Export:
         inputs = [make_text_input(PRESET), image_input(torch.from_numpy(chw)), make_text_input(prompt)]
         pieces, stats = [], {}
         config = GenerationConfig(echo=True, temperature=0.0, max_new_tokens=NEW_TOKENS)
-        runner.generate(inputs, config, lambda p: pieces.append(p.encode("utf-8")),
-                        lambda s: stats.update(json.loads(s.to_json_string())))
+        runner.generate(
+            inputs,
+            config,
+            lambda p: pieces.append(p.encode("utf-8")),
+            lambda s: stats.update(json.loads(s.to_json_string())),
+        )
         # With echo the runner shows the last text input first (not the preset, not the image),
         # then one piece per sampled token, the EOS included.
         echo = prompt.encode("utf-8")
         assert echo in pieces, pieces[:3]
-        answer = pieces[len(pieces) - pieces[::-1].index(echo):]
+        answer = pieces[len(pieces) - pieces[::-1].index(echo) :]
         if answer and answer[-1] == self.vocab.piece(self.vocab.eos):
             answer = answer[:-1]
         return answer, stats
@@ -102,16 +111,25 @@ class Export:
     def hf_generate(self, chw: np.ndarray, n_bos: int, prompt: str = PROMPT) -> list[int]:
         """transformers' greedy answer (ids, up to EOS) on the same ids and the padded pixels."""
         canvas = llava_main.padded_like_encoder(chw, self.side, runner_image.pad_color(self.processor.image_mean))
-        pixel_values = self.processor(Image.fromarray(canvas.transpose(1, 2, 0)), do_resize=False,
-                                      do_center_crop=False, return_tensors="pt")["pixel_values"]
+        pixel_values = self.processor(
+            Image.fromarray(canvas.transpose(1, 2, 0)), do_resize=False, do_center_crop=False, return_tensors="pt"
+        )["pixel_values"]
         cfg = self.model.config
-        ids = (self.vocab.encode(PRESET, n_bos, 0) + [cfg.image_token_id] * self.image_tokens
-               + self.vocab.encode(prompt, 0, 0))
+        ids = (
+            self.vocab.encode(PRESET, n_bos, 0)
+            + [cfg.image_token_id] * self.image_tokens
+            + self.vocab.encode(prompt, 0, 0)
+        )
         seq = torch.tensor([ids])
         with torch.no_grad():
-            out = self.model.generate(input_ids=seq, pixel_values=pixel_values, attention_mask=torch.ones_like(seq),
-                                      max_new_tokens=NEW_TOKENS, do_sample=False)
-        new = out[0, len(ids):].tolist()
+            out = self.model.generate(
+                input_ids=seq,
+                pixel_values=pixel_values,
+                attention_mask=torch.ones_like(seq),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+            )
+        new = out[0, len(ids) :].tolist()
         eos = cfg.text_config.eos_token_id
         return new[: new.index(eos)] if eos in new else new
 
@@ -145,9 +163,14 @@ def _agreement(answers) -> float:
 def test_stand_in_shapes_are_what_llava_main_makes(pictures):
     shapes_seen = {name: llava_main.llava_main_pixels(path).shape for name, path in pictures.items()}
     assert shapes_seen == {
-        "photo_landscape.jpg": (3, 224, 336), "photo_portrait.png": (3, 336, 223),
-        "scene_336x251.png": (3, 251, 336), "scene_1x336.png": (3, 336, 1), "scene_gray.png": (1, 336, 336),
-        "scene_gray_alpha.png": (2, 336, 336), "scene_rgba_672.png": (4, 336, 336), "scene.png": (3, 336, 336),
+        "photo_landscape.jpg": (3, 224, 336),
+        "photo_portrait.png": (3, 336, 223),
+        "scene_336x251.png": (3, 251, 336),
+        "scene_1x336.png": (3, 336, 1),
+        "scene_gray.png": (1, 336, 336),
+        "scene_gray_alpha.png": (2, 336, 336),
+        "scene_rgba_672.png": (4, 336, 336),
+        "scene.png": (3, 336, 336),
     }
 
 
@@ -175,8 +198,12 @@ def test_oversized_image_fails_inside_the_runner(export_fp32, shape):
     c, h, w = shape
     picture = MultimodalInput(RunnerImageInput([0] * (c * h * w), w, h, c))
     with pytest.raises(RuntimeError, match="Generation failed"):
-        runner.generate([make_text_input(PRESET), picture, make_text_input(PROMPT)],
-                        GenerationConfig(echo=True, temperature=0.0, max_new_tokens=4), lambda p: None, lambda s: None)
+        runner.generate(
+            [make_text_input(PRESET), picture, make_text_input(PROMPT)],
+            GenerationConfig(echo=True, temperature=0.0, max_new_tokens=4),
+            lambda p: None,
+            lambda s: None,
+        )
 
 
 def test_oversized_image_is_refused_before_the_runner():
@@ -192,8 +219,18 @@ def test_other_exports(pictures, record_property):
         scheme = json.loads((outputs / "quantize" / "manifest.json").read_text())["config"]["quant"]["scheme"]
         answers = _answers(outputs, pictures)
         record_property(f"agreement {outputs}", _agreement(answers))
-        print(json.dumps({"export": str(outputs), "scheme": scheme, "agreement": _agreement(answers),
-                          **{k: [b"".join(g).decode(errors="replace"), b"".join(w).decode(errors="replace")]
-                             for k, (g, w) in answers.items()}}))
+        print(
+            json.dumps(
+                {
+                    "export": str(outputs),
+                    "scheme": scheme,
+                    "agreement": _agreement(answers),
+                    **{
+                        k: [b"".join(g).decode(errors="replace"), b"".join(w).decode(errors="replace")]
+                        for k, (g, w) in answers.items()
+                    },
+                }
+            )
+        )
         if scheme == "none":
             _check_fp32(answers)

@@ -108,7 +108,9 @@ def test_attention_matches_hf(hf, plain, transforms):
     model = ours(plain, transforms)
     x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(1))
     lm = hf.model.language_model
-    ref, _ = lm.layers[0].self_attn(x, position_embeddings=lm.rotary_emb(x, torch.arange(40)[None]), attention_mask=None)
+    ref, _ = lm.layers[0].self_attn(
+        x, position_embeddings=lm.rotary_emb(x, torch.arange(40)[None]), attention_mask=None
+    )
     layer = model.text_decoder.layers[0]
 
     def step(chunk, input_pos):
@@ -161,7 +163,11 @@ def test_decoder_logits_match_hf_chunked_prefill_and_decode(hf, plain, image, tr
 def greedy(model, image, prompt_before, prompt_after, steps):
     """The runner's loop: text chunk, image chunk, text chunk, then one token at a time."""
     pos, tokens = 0, []
-    for embeds in (model.token_embedding(prompt_before), model.vision_encoder(image), model.token_embedding(prompt_after)):
+    for embeds in (
+        model.token_embedding(prompt_before),
+        model.vision_encoder(image),
+        model.token_embedding(prompt_after),
+    ):
         logits = model.text_decoder(embeds, torch.tensor([pos]))
         pos += embeds.shape[1]
     for _ in range(steps):
@@ -178,8 +184,9 @@ def test_greedy_matches_hf_generate(hf, plain, image, transforms):
     before = torch.cat([torch.tensor([[1]]), ids(5, 20)], dim=1)
     after = ids(4, 21)
     input_ids = torch.cat([before, torch.full((1, 576), 32000), after], dim=1)
-    ref = hf.generate(input_ids=input_ids, pixel_values=hf_pixels(image), max_new_tokens=40,
-                      do_sample=False, pad_token_id=32001)[0, input_ids.shape[1]:].tolist()
+    ref = hf.generate(
+        input_ids=input_ids, pixel_values=hf_pixels(image), max_new_tokens=40, do_sample=False, pad_token_id=32001
+    )[0, input_ids.shape[1] :].tolist()
     assert len(set(ref)) >= 10, "tiny model degenerate: token comparison would prove little"
     assert greedy(model, image, before, after, 40) == ref
 
@@ -274,9 +281,10 @@ def llava_7b_config():
 def test_7b_config_defaults_resolved():
     a = model_args_from_hf_config(llava_7b_config(), 768)
     t, v = a.text, a.vision
-    assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim) == (
-        4096, 11008, 32, 32, 32, 128)
-    assert (t.vocab_size, t.rope_theta, t.rms_norm_eps, t.bos_token_id, t.eos_token_ids) == (32064, 10000.0, 1e-5, 1, (2,))
+    text_shape = (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim)
+    assert text_shape == (4096, 11008, 32, 32, 32, 128)
+    text_rest = (t.vocab_size, t.rope_theta, t.rms_norm_eps, t.bos_token_id, t.eos_token_ids)
+    assert text_rest == (32064, 10000.0, 1e-5, 1, (2,))
     assert (v.hidden_size, v.num_layers, v.num_layers_used, v.num_heads, v.layer_norm_eps) == (1024, 24, 23, 16, 1e-5)
     assert v.num_image_tokens == 576 and a.image_token_index == 32000 and a.projector_bias
 
@@ -300,21 +308,31 @@ def _edit(path, value):
     return cfg
 
 
-@pytest.mark.parametrize("path,value,match", [
-    ("model_type", "llava_next", "model_type"),
-    ("text_config.model_type", "mistral", "text_config.model_type"),
-    ("vision_feature_layer", [-2, -5], "vision_feature_layer"),
-    ("vision_feature_layer", 30, "vision_feature_layer"),
-    ("vision_feature_select_strategy", "cls", "vision_feature_select_strategy"),
-    ("text_config", KeyError, "text_config"),
-    ("vision_config", KeyError, "vision_config"),
-    ("text_config.rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
-    ("text_config.rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope_type"),
-    ("text_config.hidden_act", "gelu", "text_config.hidden_act"),
-    ("text_config.attention_bias", True, "attention_bias"),
-    ("projector_hidden_act", "relu", "projector_hidden_act"),
-    ("text_config.max_position_embeddings", 512, "max_position_embeddings"),
-])
+@pytest.mark.parametrize(
+    "path,value,match",
+    [
+        ("model_type", "llava_next", "model_type"),
+        ("text_config.model_type", "mistral", "text_config.model_type"),
+        ("vision_feature_layer", [-2, -5], "vision_feature_layer"),
+        ("vision_feature_layer", 30, "vision_feature_layer"),
+        ("vision_feature_select_strategy", "cls", "vision_feature_select_strategy"),
+        ("text_config", KeyError, "text_config"),
+        ("vision_config", KeyError, "vision_config"),
+        ("text_config.rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
+        ("text_config.rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope_type"),
+        ("text_config.hidden_act", "gelu", "text_config.hidden_act"),
+        ("text_config.attention_bias", True, "attention_bias"),
+        ("projector_hidden_act", "relu", "projector_hidden_act"),
+        ("text_config.max_position_embeddings", 512, "max_position_embeddings"),
+        # values transformers lets through that this model cannot read as one number
+        ("vision_config.image_size", [336, 336], "vision_config.image_size"),
+        ("vision_config.patch_size", [14, 14], "vision_config.patch_size"),
+        ("text_config.rope_theta", None, "text_config.rope_theta"),
+        ("text_config.rope_parameters", {"rope_type": "default", "rope_theta": None}, "rope_theta"),
+        ("text_config.bos_token_id", None, "text_config.bos_token_id"),
+        ("image_token_id", None, "image_token_index"),
+    ],
+)
 def test_unsupported_config_raises_naming_key(path, value, match):
     with pytest.raises(ValueError, match=match):
         model_args_from_hf_config(_edit(path, value), 768)
@@ -323,9 +341,12 @@ def test_unsupported_config_raises_naming_key(path, value, match):
 # ----------------------------------------------------------------------------- checkpoints
 
 # transformers 5 module names -> the hub (transformers 4) spelling of llava-1.5-7b-hf.
-HUB_STYLE = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-             ("model.vision_tower.", "vision_tower.vision_model."),
-             ("model.multi_modal_projector.", "multi_modal_projector.")]
+HUB_STYLE = [
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
 
 
 def hub_style(state_dict):
@@ -357,7 +378,9 @@ def test_key_mapping_both_styles(hf, args, plain):
     # dropped on purpose: the last vision layer (feature layer -2) and post_layernorm
     assert "model.vision_tower.encoder.layers.2.mlp.fc1.weight" in sd5
     assert not any(k.startswith("vision_encoder.layers.2.") for k in new)
-    assert new["text_decoder.layers.1.attention.wk.weight"] is sd5["model.language_model.layers.1.self_attn.k_proj.weight"]
+    assert (
+        new["text_decoder.layers.1.attention.wk.weight"] is sd5["model.language_model.layers.1.self_attn.k_proj.weight"]
+    )
     assert new["text_decoder.output.weight"] is sd5["lm_head.weight"]
 
 

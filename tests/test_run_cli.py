@@ -138,7 +138,7 @@ class FakeBinding:
 
     def _next(self, upto):
         history = [self.cache[i] for i in range(upto)]
-        said = history[len(self.prompt):]
+        said = history[len(self.prompt) :]
         ok = history[: len(self.prompt)] == self.prompt and said == self.script[: len(said)]
         return self.script[len(said)] if ok and len(said) < len(self.script) else self.wrong
 
@@ -185,8 +185,7 @@ PROMPT = [1, 259, 260]
 
 
 def _script(words):
-    return ([words["Hello"], words[" "]] + _byte_ids(EMOJI) + [words[" and"]] + _byte_ids(CJK)
-            + [words["!"], 2])
+    return [words["Hello"], words[" "]] + _byte_ids(EMOJI) + [words[" and"]] + _byte_ids(CJK) + [words["!"], 2]
 
 
 def test_fake_binding_aborts_like_the_real_one():
@@ -336,10 +335,13 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     # The other forms on a shapes scene, which the trained model answers by looking: three
     # kinds whose left-to-right order (by x) differs from their top-to-bottom order (by y), so
     # the scene turned 90 degrees counter-clockwise (top to the left) has another description.
-    scene = next(sc for sc in (shapes.sample_scene(random.Random(seed), 3) for seed in range(1000))
-                 if len({s.kind for s in sc.shapes}) == 3
-                 and [s.kind for s in sorted(sc.shapes, key=lambda s: s.cx)]
-                 != [s.kind for s in sorted(sc.shapes, key=lambda s: s.y0 + s.side / 2)])
+    scene = next(
+        sc
+        for sc in (shapes.sample_scene(random.Random(seed), 3) for seed in range(1000))
+        if len({s.kind for s in sc.shapes}) == 3
+        and [s.kind for s in sorted(sc.shapes, key=lambda s: s.cx)]
+        != [s.kind for s in sorted(sc.shapes, key=lambda s: s.y0 + s.side / 2)]
+    )
     picture = shapes.render(scene)
     picture.convert("L").save(d / "scene_gray.png")
     picture.convert("L").convert("RGB").save(d / "scene_gray_rgb.png")
@@ -365,7 +367,10 @@ def photos(tmp_path_factory) -> dict[str, Path]:
         ImageOps.exif_transpose(f).save(d / "scene_upright.png")
         f.convert("RGB").save(d / "scene_as_stored.png")
     out["exif"], out["exif_upright"], out["exif_stored"] = (
-        d / "scene_exif6.jpg", d / "scene_upright.png", d / "scene_as_stored.png")
+        d / "scene_exif6.jpg",
+        d / "scene_upright.png",
+        d / "scene_as_stored.png",
+    )
     (d / "notes.jpg").write_text("this is not a picture\n")
     out["not_image"] = d / "notes.jpg"
     out["truncated"] = _truncated(out["jpeg"], d / "chelsea_truncated.jpg", 0.6)
@@ -391,13 +396,16 @@ def test_tokenizer_with_another_vocab_one_line(export_8da4w, tmp_path):
     assert "32000" in line and "32064" in line
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"\xff" * 4096)
-    assert_one_line_error(run_cli(*cli_args(export_8da4w, tokenizer_path=garbage)), "--tokenizer_path",
-                          "not an llama2c tokenizer.bin")
+    assert_one_line_error(
+        run_cli(*cli_args(export_8da4w, tokenizer_path=garbage)), "--tokenizer_path", "not an llama2c tokenizer.bin"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, words", [("not_image", ["cannot read", "UnidentifiedImageError"]),
-                                         ("truncated", ["cannot read", "truncated"])])
+@pytest.mark.parametrize(
+    "kind, words",
+    [("not_image", ["cannot read", "UnidentifiedImageError"]), ("truncated", ["cannot read", "truncated"])],
+)
 def test_unreadable_image_one_line(export_8da4w, photos, kind, words):
     proc = run_cli(*cli_args(export_8da4w, photos[kind]))
     assert_one_line_error(proc, "--image_path", str(photos[kind]), *words)
@@ -411,7 +419,9 @@ def test_prompt_and_seq_len_limits_one_line(export_8da4w):
     line = assert_one_line_error(run_cli(*cli_args(export_8da4w, seq_len=500)), "--seq_len", "500", "too small")
     assert "595 positions" in line  # 19 text tokens + 576 image positions
     assert_one_line_error(run_cli(*cli_args(export_8da4w, seq_len=595)), "--seq_len", "use at least 596")
-    assert_one_line_error(run_cli(*cli_args(export_8da4w, seq_len=100000)), "--seq_len", "above the model's maximum of 768")
+    assert_one_line_error(
+        run_cli(*cli_args(export_8da4w, seq_len=100000)), "--seq_len", "above the model's maximum of 768"
+    )
     assert_one_line_error(run_cli(*cli_args(export_8da4w, prompt="two <image> here")), "--prompt", "<image>")
 
 
@@ -428,16 +438,38 @@ def _answer(proc: subprocess.CompletedProcess) -> str:
 def test_flag_forms_and_stats(export_random):
     eq = run_cli(*cli_args(export_random, max_new_tokens=12))
     spaced = run_cli(
-        "--model_path", str(export_random / "llava.pte"), "--tokenizer_path", str(export_random / "tokenizer.bin"),
-        "--image_path", str(export_random / "image.pt"), "--prompt", QUESTION, "--seq_len", "768",
-        "--temperature", "0", "--max_new_tokens", "12",
+        "--model_path",
+        str(export_random / "llava.pte"),
+        "--tokenizer_path",
+        str(export_random / "tokenizer.bin"),
+        "--image_path",
+        str(export_random / "image.pt"),
+        "--prompt",
+        QUESTION,
+        "--seq_len",
+        "768",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "12",
     )
     assert _answer(eq) == _answer(spaced) and _answer(eq).strip()
     stats = spaced.stderr.strip().splitlines()
     assert all(line.startswith("[stats] ") for line in stats), spaced.stderr
     text = "\n".join(stats)
-    for words in ("image encode:", "576 embeddings", "prefill:", "19 text tokens", "decode:", "tok/s",
-                  "11 tokens after the first", "--max_new_tokens", "context 606/768", "peak RSS:", "MiB"):
+    for words in (
+        "image encode:",
+        "576 embeddings",
+        "prefill:",
+        "19 text tokens",
+        "decode:",
+        "tok/s",
+        "11 tokens after the first",
+        "--max_new_tokens",
+        "context 606/768",
+        "peak RSS:",
+        "MiB",
+    ):
         assert words in text, text
 
 
@@ -447,8 +479,9 @@ def test_answers_about_pictures_in_every_form(export_fp32, photos):
     files: each form gets the answer its upright RGB equivalent gets."""
     answers = {}
     for kind in ("jpeg", "png", "gray", "gray_rgb", "rgba", "rgba_white", "exif", "exif_upright", "exif_stored"):
-        answers[kind] = _answer(run_cli(*cli_args(export_fp32, photos[kind], prompt=shapes.DESCRIBE_Q,
-                                                  max_new_tokens=24)))
+        answers[kind] = _answer(
+            run_cli(*cli_args(export_fp32, photos[kind], prompt=shapes.DESCRIBE_Q, max_new_tokens=24))
+        )
         assert answers[kind].strip(), kind
     assert answers["gray"] == answers["gray_rgb"]  # grayscale is replicated to RGB
     assert answers["rgba"] == answers["rgba_white"]  # alpha composited on white, as HF does
@@ -473,9 +506,14 @@ def _hf_greedy(export: Path, picture_path: Path, question: str, n: int, extra_id
     if extra_ids:
         ids = torch.cat([ids, torch.tensor([extra_ids])], dim=1)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             pixel_values=inputs["pixel_values"], max_new_tokens=n, do_sample=False)
-    return out[0, ids.shape[1]:].tolist(), inputs["input_ids"][0].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=inputs["pixel_values"],
+            max_new_tokens=n,
+            do_sample=False,
+        )
+    return out[0, ids.shape[1] :].tolist(), inputs["input_ids"][0].tolist()
 
 
 def _vocab(export: Path) -> Vocabulary:
@@ -548,14 +586,18 @@ def test_binding_raises_on_a_lone_byte_piece(export_random, photos, hf_reference
     tokenizer = _byte_fallback_tokenizer(export_random, tmp_path, hf_new, prompt_ids)
     vocab = Vocabulary(tokenizer)
     seg = tok_mod.runner_prompt_segments(QUESTION)
-    inputs = [token_input(vocab.encode(seg.before_image, 1, 0)), image_input(load_pixels(photos["jpeg"], (336, 336))),
-              token_input(vocab.encode(seg.after_image, 0, 0))]
+    inputs = [
+        token_input(vocab.encode(seg.before_image, 1, 0)),
+        image_input(load_pixels(photos["jpeg"], (336, 336))),
+        token_input(vocab.encode(seg.after_image, 0, 0)),
+    ]
     got: list[str] = []
     with native_output_captured():
         runner = Runner(export_random / "llava.pte", tokenizer)
         with pytest.raises(UnicodeDecodeError) as info:
-            runner._runner.generate(inputs, GenerationConfig(temperature=0, max_new_tokens=8, echo=False),
-                                    got.append, None)
+            runner._runner.generate(
+                inputs, GenerationConfig(temperature=0, max_new_tokens=8, echo=False), got.append, None
+            )
         assert got == [] and info.value.object == b"\xf0"
         runner._runner.prefill([token_input([1, 15043])])  # still usable
         runner.reset()

@@ -16,8 +16,19 @@ from llava_pipeline import runner_image as ri
 SIZE = 336
 FILL = ri.pad_color(OPENAI_CLIP_MEAN)
 # C, H, W: every channel count stb gives, odd sizes, a single row and column, full size.
-SHAPES = [(3, 336, 336), (4, 336, 336), (1, 336, 336), (2, 336, 336), (3, 251, 336), (3, 336, 251),
-          (1, 1, 336), (4, 336, 1), (2, 17, 5), (3, 1, 1), (4, 189, 336)]
+SHAPES = [
+    (3, 336, 336),
+    (4, 336, 336),
+    (1, 336, 336),
+    (2, 336, 336),
+    (3, 251, 336),
+    (3, 336, 251),
+    (1, 1, 336),
+    (4, 336, 1),
+    (2, 17, 5),
+    (3, 1, 1),
+    (4, 189, 336),
+]
 
 
 def _picture(c, h, w, seed=0) -> torch.Tensor:
@@ -53,10 +64,10 @@ def test_padding_is_centred_with_the_pad_colour():
     x = torch.zeros(3, 251, 336, dtype=torch.uint8)
     out = ri.RunnerImage(SIZE, FILL)(x.unsqueeze(0))[0]
     top = (SIZE - 251) // 2  # 42 rows above, 43 below
-    assert out[:, top:top + 251].eq(0).all()
-    for rows in (out[:, :top], out[:, top + 251:]):
+    assert out[:, top : top + 251].eq(0).all()
+    for rows in (out[:, :top], out[:, top + 251 :]):
         assert torch.equal(rows, torch.tensor(FILL).float().view(3, 1, 1).expand_as(rows))
-    assert out[:, top + 251:].shape[1] == 43
+    assert out[:, top + 251 :].shape[1] == 43
 
 
 def test_check_image_names_the_fault():
@@ -91,15 +102,25 @@ def test_exported_and_lowered_canvas_is_exact(tmp_path):
 
 def test_llava_main_stand_in_keeps_channels_and_resizes_the_longest_edge(tmp_path):
     rng = np.random.default_rng(0)
-    cases = {"gray.png": ("L", (500, 375)), "rgba.png": ("RGBA", (200, 640)), "rgb.jpg": ("RGB", (640, 427)),
-             "la.png": ("LA", (90, 90)), "pal.png": ("P", (300, 200))}
+    cases = {
+        "gray.png": ("L", (500, 375)),
+        "rgba.png": ("RGBA", (200, 640)),
+        "rgb.jpg": ("RGB", (640, 427)),
+        "la.png": ("LA", (90, 90)),
+        "pal.png": ("P", (300, 200)),
+    }
     for name, (mode, size) in cases.items():
         bands = len(Image.new(mode, (1, 1)).getbands())
         arr = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
         img = Image.fromarray(arr[:, :, 0] if bands == 1 else arr).convert(mode)
         img.save(tmp_path / name)
-    expect = {"gray.png": (1, 252, 336), "rgba.png": (4, 336, 105), "rgb.jpg": (3, 224, 336),
-              "la.png": (2, 336, 336), "pal.png": (3, 224, 336)}
+    expect = {
+        "gray.png": (1, 252, 336),
+        "rgba.png": (4, 336, 105),
+        "rgb.jpg": (3, 224, 336),
+        "la.png": (2, 336, 336),
+        "pal.png": (3, 224, 336),
+    }
     for name, shape in expect.items():
         chw = llava_main.llava_main_pixels(tmp_path / name)
         assert chw.shape == shape and chw.dtype == np.uint8, name

@@ -27,7 +27,7 @@ def test_scenes_follow_the_grammar():
             assert s.x0 >= 8 and s.y0 >= 8 and s.x0 + s.side <= 336 - 8 and s.y0 + s.side <= 336 - 8
             assert all(abs(a - b) <= 20 for a, b in zip(s.rgb, shapes.COLORS[s.color]))
         for i, a in enumerate(scene.shapes):
-            for b in scene.shapes[i + 1:]:
+            for b in scene.shapes[i + 1 :]:
                 assert abs(a.cx - b.cx) >= 24
                 apart_x = a.x0 + a.side + 8 <= b.x0 or b.x0 + b.side + 8 <= a.x0
                 apart_y = a.y0 + a.side + 8 <= b.y0 or b.y0 + b.side + 8 <= a.y0

@@ -38,8 +38,16 @@ def _error_line(proc) -> str:
 def test_builtin_download_manifest(tiny_ckpt):
     manifest = json.loads((tiny_ckpt / "manifest.json").read_text())
     assert manifest["stage"] == "download" and manifest["source_kind"] == "builtin"
-    assert manifest["config"] == {"model": {"name": "tiny", "source": "builtin:tiny", "revision": None, "seed": 0,
-                                            "text_layers": None, "vision_layers": None}}
+    assert manifest["config"] == {
+        "model": {
+            "name": "tiny",
+            "source": "builtin:tiny",
+            "revision": None,
+            "seed": 0,
+            "text_layers": None,
+            "vision_layers": None,
+        }
+    }
     assert manifest["outputs"]["model.safetensors"] == stage.sha256_file(tiny_ckpt / "model.safetensors")
     assert "tokenizer_model" in manifest["inputs"] and "torch" in manifest["packages"]
     # No absolute paths or timestamps in a manifest.
@@ -120,8 +128,13 @@ def transformed(tmp_path_factory, tiny_ckpt) -> Path:
 def test_quantize_override_on_top_of_params(transformed):
     run_stage(transformed, "quantize", "quant.group_size=64")
     manifest = json.loads((transformed / "outputs" / "quantize" / "manifest.json").read_text())
-    assert manifest["config"]["quant"] == {"scheme": "8da4w", "group_size": 64, "embedding_bits": 8, "qparams": "hqq",
-                                           "vision": "none"}
+    assert manifest["config"]["quant"] == {
+        "scheme": "8da4w",
+        "group_size": 64,
+        "embedding_bits": 8,
+        "qparams": "hqq",
+        "vision": "none",
+    }
 
 
 def test_bad_group_size_rejected_before_work_nothing_lost(transformed):

@@ -246,9 +246,10 @@ def test_tokenizer_bin_bad_arguments(tmp_path, vocab_size, added, message):
 
 def test_hf_tokenizer_files_and_specials(hf_dir, hf):
     assert {p.name for p in hf_dir.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
-    assert hashlib.sha256((hf_dir / "tokenizer.model").read_bytes()).digest() == hashlib.sha256(
-        MODEL.read_bytes()
-    ).digest()
+    assert (
+        hashlib.sha256((hf_dir / "tokenizer.model").read_bytes()).digest()
+        == hashlib.sha256(MODEL.read_bytes()).digest()
+    )
     config = json.loads((hf_dir / "tokenizer_config.json").read_text())
     assert config["legacy"] is True and config["add_bos_token"] is True and config["add_eos_token"] is False
     assert type(hf).__name__ == "LlamaTokenizer"
@@ -329,7 +330,9 @@ def test_llava_processor_expands_image_between_runner_segments(hf_dir, bin_path,
 def test_legacy_survives_a_processor_save(tmp_path):
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=T.make_hf_tokenizer(MODEL), patch_size=14)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(), tokenizer=T.make_hf_tokenizer(MODEL), patch_size=14
+    )
     processor.save_pretrained(str(tmp_path))
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert reloaded(T.LLAVA_PROMPT_TEMPLATE.format(question=SAMPLE_QUESTION)).input_ids == SAMPLE_PROMPT_IDS

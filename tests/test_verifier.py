@@ -23,7 +23,9 @@ NUMERIC_ROWS = ("vision_encoder", "token_embedding", "text_decoder")
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "llava_pipeline.verify", *args],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -71,8 +73,12 @@ def test_cli_missing_pte_exits_2(tmp_path):
 
 def test_the_seed_spelling_runs_the_same_cli(tmp_path):
     """`python -m llava_pipeline.test_pte` (the original brief's spelling) is the same CLI."""
-    proc = subprocess.run([sys.executable, "-m", "llava_pipeline.test_pte", str(tmp_path / "nope.pte")],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llava_pipeline.test_pte", str(tmp_path / "nope.pte")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert (proc.returncode, proc.stderr) == (2, _cli(str(tmp_path / "nope.pte")).stderr)
     assert "nope.pte: no such file" in _one_line_error(proc.stderr)
 
@@ -117,11 +123,23 @@ def test_quantized_vs_fp32_vision_row_only_for_a_quantized_vision_tower(vision_s
     quant = SimpleNamespace(vision_encoder=lambda pixels: image)
     fp32 = SimpleNamespace(vision_encoder=lambda pixels: image * 1.01)
     report = Report(Path("x.pte"))
-    check_numerics(report, NumericsInputs(
-        program=_FakeProgram(image), quant_model=quant, fp32_model=fp32,
-        args=SimpleNamespace(text=SimpleNamespace(vocab_size=8, max_seq_len=16)), tol=TOLERANCES["8da4w"],
-        scheme="8da4w", vision_scheme=vision_scheme, pixels=torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
-        image_name="zeros", before=[1], after=[2], steps=1))
+    check_numerics(
+        report,
+        NumericsInputs(
+            program=_FakeProgram(image),
+            quant_model=quant,
+            fp32_model=fp32,
+            args=SimpleNamespace(text=SimpleNamespace(vocab_size=8, max_seq_len=16)),
+            tol=TOLERANCES["8da4w"],
+            scheme="8da4w",
+            vision_scheme=vision_scheme,
+            pixels=torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
+            image_name="zeros",
+            before=[1],
+            after=[2],
+            steps=1,
+        ),
+    )
     vision = [r for r in report.rows if r.method == "vision_encoder"]
     assert vision[0].metric.startswith("max|diff| vs eager") and vision[0].status == "PASS", vision
     assert len([r for r in vision if r.metric == "eager quantized vs fp32 (INFO)"]) == info_rows, vision
@@ -185,7 +203,7 @@ def test_tampered_decoder_weights_fail(export_fp32, tmp_path, capsys):
     raw = weight.numpy().tobytes()
     at = data.find(raw)
     assert at > 0 and data.count(raw) == 1, "lm_head is not stored verbatim in the fp32 .pte"
-    data[at:at + len(raw)] = (weight * 1.5).numpy().tobytes()
+    data[at : at + len(raw)] = (weight * 1.5).numpy().tobytes()
     pte.write_bytes(bytes(data))
 
     assert main([str(pte), "--outputs", str(export_fp32), "--steps", "8", "--no-fp32"]) == 1

@@ -33,8 +33,9 @@ def test_vision_8da8w_quantizes_every_vision_linear_and_stays_close(fp32_model):
         assert w.qdata.dtype == torch.int8 and tuple(w.scale.shape) == (m.out_features, 1), name
         assert w.activation_quantization is not None, name  # dynamic int8 activations
     # the text side is left alone by the vision unit
-    assert all(type(m.weight) in (torch.Tensor, nn.Parameter)
-               for m in model.text_decoder.modules() if isinstance(m, nn.Linear))
+    assert all(
+        type(m.weight) in (torch.Tensor, nn.Parameter) for m in model.text_decoder.modules() if isinstance(m, nn.Linear)
+    )
     g = torch.Generator().manual_seed(3)
     v = model.args.vision
     pixels = torch.randint(0, 256, (1, v.num_channels, v.image_size, v.image_size), generator=g, dtype=torch.uint8)
@@ -55,7 +56,9 @@ def test_vision_none_leaves_the_tower_fp32(fp32_model):
 def test_dynamic_quant_methods_follow_the_config():
     assert export.dynamic_quant_methods(QuantConfig(scheme="8da4w")) == {"text_decoder"}
     assert export.dynamic_quant_methods(QuantConfig(scheme="8da4w", vision="8da8w")) == {
-        "text_decoder", "vision_encoder"}
+        "text_decoder",
+        "vision_encoder",
+    }
     assert export.dynamic_quant_methods(QuantConfig(scheme="none", vision="8da8w")) == {"vision_encoder"}
     assert export.dynamic_quant_methods(QuantConfig(scheme="none")) == set()
 

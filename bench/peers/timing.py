@@ -37,8 +37,9 @@ def prompt_ids(n: int, seed: int, lo: int = 3, hi: int = 32000) -> list[int]:
     return [1] + [rng.randrange(lo, hi) for _ in range(n - 1)]
 
 
-def time_gguf(path: str, prompt_tokens: int, decode_tokens: int, threads: int, repeats: int,
-              seed: int = 0, use_mmap: bool = True) -> dict:
+def time_gguf(
+    path: str, prompt_tokens: int, decode_tokens: int, threads: int, repeats: int, seed: int = 0, use_mmap: bool = True
+) -> dict:
     """Load a GGUF, then (1 warm-up + `repeats`) x (prefill N ids in one batch, M greedy steps)."""
     import llama_cpp as L
     import numpy as np

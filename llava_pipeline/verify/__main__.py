@@ -23,8 +23,7 @@ from .verifier import verify
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llava_pipeline.verify",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llava_pipeline.verify", description=__doc__.split("\n")[0])
     p.add_argument("pte", type=Path, help="the exported program (outputs/llava.pte)")
     p.add_argument("--tokenizer_path", type=Path, help="default: tokenizer.bin beside the .pte")
     p.add_argument("--outputs", type=Path, help="the pipeline's outputs folder (default: the .pte's folder)")

@@ -23,8 +23,7 @@ from ..runner import load_kernels
 from .report import VerifyError
 
 # ExecuTorch ScalarType codes that method_meta reports.
-DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 11: "bool",
-          15: "bfloat16"}
+DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 11: "bool", 15: "bfloat16"}
 CALL_TIMEOUT_S = 600
 
 # The child: `python -c CHILD <socket fd> <pte>`, its stdout/stderr going to a log file.
@@ -96,7 +95,11 @@ class Program:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(child.fileno()), str(pte)],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=env,
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            env=env,
         )
         child.close()
         self._conn = Connection(parent.detach())

@@ -32,8 +32,10 @@ class AtLeast:
 
 def spec_ok(got, want) -> bool:
     (dtype, sizes), (wdtype, wsizes) = got, want
-    return dtype == wdtype and len(sizes) == len(wsizes) and all(
-        s >= w.n if isinstance(w, AtLeast) else s == w for s, w in zip(sizes, wsizes)
+    return (
+        dtype == wdtype
+        and len(sizes) == len(wsizes)
+        and all(s >= w.n if isinstance(w, AtLeast) else s == w for s, w in zip(sizes, wsizes))
     )
 
 
@@ -46,8 +48,13 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
     """Rows for methods, constants and tensor metas; returns the logit width (None if unknown)."""
     names = set(desc["methods"])
     missing = [m for m in REQUIRED if m not in names]
-    report.add("program", "required methods", f"missing {missing}" if missing else "all present",
-               ", ".join(REQUIRED), not missing)
+    report.add(
+        "program",
+        "required methods",
+        f"missing {missing}" if missing else "all present",
+        ", ".join(REQUIRED),
+        not missing,
+    )
     consts = desc["constants"]
     seq = args.text.max_seq_len
     eos = list(args.text.eos_token_ids)
@@ -69,8 +76,7 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
     text_room = seq - n_img  # longest text chunk the context can hold
     specs = {
         # The input's bounds: 1..4 channels, sides 1..image_size (runner_image.py).
-        "vision_encoder": ([("uint8", [1, MAX_CHANNELS, v.image_size, v.image_size])],
-                           [("float32", [1, n_img, d])]),
+        "vision_encoder": ([("uint8", [1, MAX_CHANNELS, v.image_size, v.image_size])], [("float32", [1, n_img, d])]),
         "token_embedding": ([("int64", [1, AtLeast(text_room)])], [("float32", [1, AtLeast(text_room), d])]),
         "text_decoder": ([("float32", [1, AtLeast(n_img), d]), ("int64", [1])], [("float32", [1, vocab])]),
     }
@@ -82,8 +88,13 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
         for kind, wants, gots in (("input", inputs, meta["inputs"]), ("output", outputs, meta["outputs"])):
             for i, want in enumerate(wants):
                 got = gots[i] if i < len(gots) else None
-                report.add(method, f"{kind} {i}", spec_str(got) if got else "absent", spec_str(want),
-                           got is not None and spec_ok(got, want))
+                report.add(
+                    method,
+                    f"{kind} {i}",
+                    spec_str(got) if got else "absent",
+                    spec_str(want),
+                    got is not None and spec_ok(got, want),
+                )
             if len(gots) > len(wants):
                 report.add(method, f"{kind}s", f"{len(gots)}", f"{len(wants)}", False)
     outs = desc["metas"].get("text_decoder", {}).get("outputs")

@@ -41,8 +41,7 @@ def check_provenance(report: Report, pte: Path, outputs: Path) -> dict:
     want = _dig(manifests["emit"], ("outputs", "llava.pte"))
     got = sha256_file(pte)
     same = got == want
-    report.add("program", "sha256 == emit manifest's llava.pte", got[:12],
-               (want or "none recorded")[:12], same)
+    report.add("program", "sha256 == emit manifest's llava.pte", got[:12], (want or "none recorded")[:12], same)
     broken, unchecked = [], []
     for down, keys, up, names in LINKS:
         if down not in manifests or up not in manifests:
@@ -54,11 +53,16 @@ def check_provenance(report: Report, pte: Path, outputs: Path) -> dict:
             broken.append(f"{down}->{up}")
     value = f"{len(LINKS) - len(broken) - len(unchecked)}/{len(LINKS)} links match"
     if broken:
-        report.add("program", "manifest chain emit..source_transform", f"broken: {', '.join(broken)}",
-                   "all links", False)
+        report.add(
+            "program", "manifest chain emit..source_transform", f"broken: {', '.join(broken)}", "all links", False
+        )
     elif unchecked:
-        report.warn("program", "manifest chain emit..source_transform", f"{value}; no manifest for "
-                    f"{', '.join(unchecked)}", "all links")
+        report.warn(
+            "program",
+            "manifest chain emit..source_transform",
+            f"{value}; no manifest for {', '.join(unchecked)}",
+            "all links",
+        )
     else:
         report.add("program", "manifest chain emit..source_transform", value, "all links", True)
     return manifests

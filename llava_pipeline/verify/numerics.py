@@ -67,8 +67,11 @@ class Tolerances:
 # 8da8w (int8 weights) could differ from its eager model the way 8da4w does, by the rounding of
 # the dynamically quantized activations; measured, it differs by summation order only (table
 # above), so its bound is 5x tighter than 8da4w's and still 4 orders above what was seen.
-TOLERANCES = {"none": Tolerances(1e-3, 1e-3, 0.95), "8da4w": Tolerances(1e-3, 0.25, 0.90),
-              "8da8w": Tolerances(1e-3, 0.05, 0.90)}
+TOLERANCES = {
+    "none": Tolerances(1e-3, 1e-3, 0.95),
+    "8da4w": Tolerances(1e-3, 0.25, 0.90),
+    "8da8w": Tolerances(1e-3, 0.05, 0.90),
+}
 # By quant.vision: an int8 vision tower differs by XNNPACK's vs torchao's rounding of its
 # dynamically quantized activations, like the 8da4w decoder.
 VISION_TOLERANCES = {"none": 1e-3, "8da8w": 0.25}
@@ -106,8 +109,13 @@ def load_image(report: Report, pte: Path, args: ModelArgs) -> tuple[torch.Tensor
             pixels = None
         if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.shape[-3:] == shape:
             return pixels.reshape(1, *shape), "image.pt"
-        report.add("image.pt", "uint8 CHW of the model's size", "unreadable or wrong shape",
-                   spec_str(("uint8", list(shape))), False)
+        report.add(
+            "image.pt",
+            "uint8 CHW of the model's size",
+            "unreadable or wrong shape",
+            spec_str(("uint8", list(shape))),
+            False,
+        )
     noise = torch.randint(0, 256, (1, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return noise, "seeded noise"
 
@@ -120,8 +128,8 @@ def prompt(tok, args: ModelArgs) -> tuple[list[int], list[int]]:
         return tok_mod.runner_prompt_token_segments(tok, QUESTION)
     g = torch.Generator().manual_seed(0)
     hi = min(args.text.vocab_size, args.image_token_index)
-    return [args.text.bos_token_id, *torch.randint(3, hi, (5,), generator=g).tolist()], \
-        torch.randint(3, hi, (8,), generator=g).tolist()
+    before = [args.text.bos_token_id, *torch.randint(3, hi, (5,), generator=g).tolist()]
+    return before, torch.randint(3, hi, (8,), generator=g).tolist()
 
 
 def _max_diff_row(report, method, metric, got, ref, rel: float, rel_name: str) -> None:
@@ -178,8 +186,15 @@ def prefill_chunks(model, before, pixels, after, vision=None):
 def check_vision(report: Report, inp: NumericsInputs, ref_image: torch.Tensor) -> None:
     got = inp.program.run("vision_encoder", inp.pixels)[0]
     tol = inp.tol
-    _max_diff_row(report, "vision_encoder", f"max|diff| vs eager ({inp.image_name})", got, ref_image,
-                  tol.vision_rel, f"{tol.vision_rel:g}")
+    _max_diff_row(
+        report,
+        "vision_encoder",
+        f"max|diff| vs eager ({inp.image_name})",
+        got,
+        ref_image,
+        tol.vision_rel,
+        f"{tol.vision_rel:g}",
+    )
     if inp.fp32_model is not None and inp.vision_scheme != "none":
         ref32 = inp.fp32_model.vision_encoder(inp.pixels)
         d = float((ref_image - ref32).abs().max()) / float(ref32.std())
@@ -194,8 +209,15 @@ def check_embedding(report: Report, inp: NumericsInputs) -> None:
     ids = torch.arange(vocab).view(1, -1)
     chunk = inp.program.describe["metas"]["token_embedding"]["inputs"][0][1][-1]
     got = torch.cat([inp.program.run("token_embedding", c)[0] for c in ids.split(chunk, dim=1)], dim=1)
-    _max_diff_row(report, "token_embedding", f"max|diff| vs eager (all {vocab} ids)", got,
-                  inp.quant_model.token_embedding(ids), inp.tol.float_rel, f"{inp.tol.float_rel:g}")
+    _max_diff_row(
+        report,
+        "token_embedding",
+        f"max|diff| vs eager (all {vocab} ids)",
+        got,
+        inp.quant_model.token_embedding(ids),
+        inp.tol.float_rel,
+        f"{inp.tol.float_rel:g}",
+    )
 
 
 def check_decoder(report: Report, inp: NumericsInputs, ref_image: torch.Tensor) -> None:
@@ -209,36 +231,63 @@ def check_decoder(report: Report, inp: NumericsInputs, ref_image: torch.Tensor) 
     ref = decode_eager(model, chunks, tokens)
     k = len(chunks)
     layout = "+".join(str(x.shape[1]) for x in chunks)
-    _max_diff_row(report, "text_decoder", f"prefill logits max|diff| (chunks {layout})",
-                  torch.cat(got[:k]), torch.cat(ref[:k]), tol.logits_rel, f"{tol.logits_rel:g}")
+    _max_diff_row(
+        report,
+        "text_decoder",
+        f"prefill logits max|diff| (chunks {layout})",
+        torch.cat(got[:k]),
+        torch.cat(ref[:k]),
+        tol.logits_rel,
+        f"{tol.logits_rel:g}",
+    )
     if n:
-        _max_diff_row(report, "text_decoder", f"decode logits max|diff| ({n} steps)",
-                      torch.cat(got[k:]), torch.cat(ref[k:]), tol.logits_rel, f"{tol.logits_rel:g}")
+        _max_diff_row(
+            report,
+            "text_decoder",
+            f"decode logits max|diff| ({n} steps)",
+            torch.cat(got[k:]),
+            torch.cat(ref[k:]),
+            tol.logits_rel,
+            f"{tol.logits_rel:g}",
+        )
     # A flip between two tokens whose eager logits are closer than twice the allowed
     # logit error is within tolerance by definition (each logit may move by that much);
     # top-1 agreement is required where the eager choice is decisive.
-    steps_ref = ref[k - 1:]
+    steps_ref = ref[k - 1 :]
     limit = tol.logits_rel * float(torch.cat(ref).float().std())
     eager_top1 = [int(x.argmax()) for x in steps_ref]
-    margins = [float(x.float().topk(2).values.flatten()[0] - x.float().topk(2).values.flatten()[1])
-               if x.numel() > 1 else float("inf") for x in steps_ref]
+    margins = [
+        float(x.float().topk(2).values.flatten()[0] - x.float().topk(2).values.flatten()[1])
+        if x.numel() > 1
+        else float("inf")
+        for x in steps_ref
+    ]
     decisive = [i for i, m in enumerate(margins) if m > 2 * limit]
     agree_all = sum(a == b for a, b in zip(tokens, eager_top1)) / len(tokens)
     if decisive:
         agree = sum(tokens[i] == eager_top1[i] for i in decisive) / len(decisive)
-        report.add("text_decoder", f"top-1 agreement vs eager {scheme} ({len(decisive)} of {len(tokens)} "
-                   f"positions with margin > 2*{tol.logits_rel:g}*σ; all: {agree_all:.3f})",
-                   f"{agree:.3f}", f">= {tol.top1}", agree >= tol.top1)
+        report.add(
+            "text_decoder",
+            f"top-1 agreement vs eager {scheme} ({len(decisive)} of {len(tokens)} "
+            f"positions with margin > 2*{tol.logits_rel:g}*σ; all: {agree_all:.3f})",
+            f"{agree:.3f}",
+            f">= {tol.top1}",
+            agree >= tol.top1,
+        )
     else:
-        report.warn("text_decoder", f"top-1 agreement vs eager {scheme} ({len(tokens)} positions, "
-                    f"none with margin > 2*{tol.logits_rel:g}*σ)", f"{agree_all:.3f}", f">= {tol.top1}")
+        report.warn(
+            "text_decoder",
+            f"top-1 agreement vs eager {scheme} ({len(tokens)} positions, none with margin > 2*{tol.logits_rel:g}*σ)",
+            f"{agree_all:.3f}",
+            f">= {tol.top1}",
+        )
     if inp.fp32_model is not None:
-        fp_ref = decode_eager(inp.fp32_model, prefill_chunks(inp.fp32_model, inp.before, inp.pixels, inp.after),
-                              tokens)
-        fp_top1 = [int(x.argmax()) for x in fp_ref[k - 1:]]
+        fp_ref = decode_eager(inp.fp32_model, prefill_chunks(inp.fp32_model, inp.before, inp.pixels, inp.after), tokens)
+        fp_top1 = [int(x.argmax()) for x in fp_ref[k - 1 :]]
         agree = sum(a == b for a, b in zip(tokens, fp_top1)) / len(tokens)
-        report.add("text_decoder", f"top-1 agreement vs fp32 ({len(tokens)} positions)",
-                   f"{agree:.3f}", "informational", None)
+        report.add(
+            "text_decoder", f"top-1 agreement vs fp32 ({len(tokens)} positions)", f"{agree:.3f}", "informational", None
+        )
 
 
 def _attempt(report: Report, method: str, check: Callable[..., None], *args) -> None:

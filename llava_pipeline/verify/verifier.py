@@ -19,8 +19,7 @@ from .numerics import TOLERANCES, VISION_TOLERANCES, NumericsInputs, check_numer
 from .report import Report, VerifyError
 
 
-def verify(pte_path, tokenizer_path=None, outputs_dir=None, steps: int = 40,
-           compare_fp32: bool = True) -> Report:
+def verify(pte_path, tokenizer_path=None, outputs_dir=None, steps: int = 40, compare_fp32: bool = True) -> Report:
     """Verify `pte_path` against the pipeline folder `outputs_dir` (default: the .pte's folder).
 
     `tokenizer_path` None means `tokenizer.bin` beside the .pte if there is one (else the
@@ -51,8 +50,9 @@ def _verify(pte: Path, tokenizer_path, outputs: Path, steps: int, compare_fp32: 
     quant = manifests["quantize"].get("config", {}).get("quant", {})
     scheme, vision_scheme = quant.get("scheme"), quant.get("vision", "none")
     if scheme not in TOLERANCES or vision_scheme not in VISION_TOLERANCES:
-        raise VerifyError(f"{outputs / 'quantize/manifest.json'}: unknown quant scheme "
-                          f"{scheme!r} (vision {vision_scheme!r})")
+        raise VerifyError(
+            f"{outputs / 'quantize/manifest.json'}: unknown quant scheme {scheme!r} (vision {vision_scheme!r})"
+        )
     tol = replace(TOLERANCES[scheme], vision_rel=VISION_TOLERANCES[vision_scheme])
     program = Program(pte)  # starts loading in the child while the eager models load here
     try:
@@ -75,10 +75,23 @@ def _verify(pte: Path, tokenizer_path, outputs: Path, steps: int, compare_fp32: 
         if all(m in desc["methods"] for m in METHODS):
             pixels, image_name = load_image(report, pte, args)
             before, after = prompt(tok, args)
-            check_numerics(report, NumericsInputs(
-                program=program, quant_model=quant_model, fp32_model=fp32_model, args=args, tol=tol,
-                scheme=scheme, vision_scheme=vision_scheme, pixels=pixels, image_name=image_name,
-                before=before, after=after, steps=steps))
+            check_numerics(
+                report,
+                NumericsInputs(
+                    program=program,
+                    quant_model=quant_model,
+                    fp32_model=fp32_model,
+                    args=args,
+                    tol=tol,
+                    scheme=scheme,
+                    vision_scheme=vision_scheme,
+                    pixels=pixels,
+                    image_name=image_name,
+                    before=before,
+                    after=after,
+                    steps=steps,
+                ),
+            )
     finally:
         program.close()
     return report
