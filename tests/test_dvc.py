@@ -72,6 +72,20 @@ def project(tmp_path_factory, export_8da4w) -> Path:
     return dst
 
 
+FLOAT_OUTS = ("outputs/reference", "outputs/evaluate")
+
+
+def _without(lock_text: str, paths: tuple[str, ...]) -> dict:
+    """dvc.lock with the hashes and sizes of the outputs at `paths` left out."""
+    lock = yaml.safe_load(lock_text)
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            if out["path"] in paths:
+                for key in ("md5", "size", "hash"):
+                    out.pop(key, None)
+    return lock
+
+
 def test_the_stages_reproduce_the_committed_lock(project):
     """The outputs the stages wrote hash to what the committed dvc.lock records (same inputs,
     same bytes), so DVC has nothing to re-run: `dvc commit` caches them and leaves the lock as
@@ -79,8 +93,16 @@ def test_the_stages_reproduce_the_committed_lock(project):
     _sh(["dvc", "commit", "--force"], project)
     assert "up to date" in _sh(["dvc", "status"], project)
     assert _ran(_sh(["dvc", "repro"], project)) == set()
-    changed = _sh(["git", "status", "--porcelain"], project).strip()
-    assert changed == "", f"{changed}: stale or non-reproducible (after a code change: dvc repro, commit dvc.lock)"
+    changed = _sh(["git", "status", "--porcelain"], project).strip().splitlines()
+    committed = _sh(["git", "show", "HEAD:dvc.lock"], project)
+    if changed == [" M dvc.lock"]:
+        # The fp32 reference's logits and the .pte's answers' logits come from kernels picked by
+        # the CPU's ISA (AVX2 or AVX-512), so those two outputs may differ in the last digits
+        # between machine kinds; every other output, every dep and metrics/quality.json may not.
+        now = (project / "dvc.lock").read_text()
+        assert _without(now, FLOAT_OUTS) == _without(committed, FLOAT_OUTS), "dvc.lock: stale or non-reproducible"
+        changed = []
+    assert changed == [], f"{changed}: stale or non-reproducible (after a code change: dvc repro, commit dvc.lock)"
     for name in ("llava.pte", "tokenizer.bin", "image.pt"):
         assert (project / "outputs" / name).stat().st_size > 0
 
