@@ -157,7 +157,8 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
     import torch
 
     from llava_pipeline.image import load_pixels  # in the case: see executorch_runner_case
-    from llava_pipeline.runner import load_runtime_kernels, native_output_captured, read_program_meta
+    from llava_pipeline.program_meta import read_program_meta
+    from llava_pipeline.runner import load_runtime_kernels, native_output_captured
 
     with native_output_captured():
         load_runtime_kernels()

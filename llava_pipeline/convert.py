@@ -24,8 +24,9 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from llava_pipeline.checkpoint_files import safetensors_files, split_key
-from llava_pipeline.model import LlavaModel, ModelArgs, model_args_from_hf_config
+from llava_pipeline.checkpoint_files import split_key
+from llava_pipeline.model import LlavaModel
+from llava_pipeline.model_args import ModelArgs, model_args_from_hf_config
 
 # Component -> the prefix used when naming a missing key (the hub checkpoint's spelling).
 _HUB_PREFIX = {
@@ -125,20 +126,6 @@ class KeyMapper:
             raise KeyError(f"checkpoint lacks {_HUB_PREFIX[c]}{n} (and {len(missing) - 1} more)")
 
 
-def hf_to_llava_state_dict(hf_state_dict: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Rename an HF `LlavaForConditionalGeneration` state dict (either key style) to
-    `LlavaModel`'s parameter names. Drops only the keys listed as unused; raises ValueError on
-    an unknown key and KeyError naming the first missing key."""
-    mapper = KeyMapper(args)
-    out = {}
-    for k, v in hf_state_dict.items():
-        ours = mapper(k)
-        if ours is not None:
-            out[ours] = v
-    mapper.check_complete()
-    return out
-
-
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one tensor at a time, file by file, so that only one checkpoint
     tensor is in memory beside the model. Errors name the file (`safetensors_files` has checked
@@ -197,17 +184,6 @@ def _load_into(model: LlavaModel, tensors: Iterable[tuple[str, torch.Tensor]]) -
         for ours, tensor in renamed(model.args, tensors, {k: p.shape for k, p in params.items()}):
             params[ours].copy_(tensor)
     return model.eval().requires_grad_(False)
-
-
-def load_checkpoint(ckpt_dir: Path, max_seq_len: int, dtype: torch.dtype = torch.float32) -> LlavaModel:
-    """Build a `LlavaModel` in `dtype` (eval mode, no grad) from an HF LLaVA checkpoint folder
-    (config.json, optional preprocessor_config.json, single or sharded safetensors).
-
-    The model is allocated once and each checkpoint tensor is copied into its parameter as it
-    is read, so the weights are never held twice. Errors name the key or the file."""
-    ckpt_dir = Path(ckpt_dir)
-    model = _empty_model(read_hf_config(ckpt_dir, max_seq_len), dtype)
-    return _load_into(model, iter_safetensors(safetensors_files(ckpt_dir)))
 
 
 def from_hf_model(

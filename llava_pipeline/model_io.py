@@ -19,7 +19,8 @@ from .config import ConfigError, QuantConfig
 from .convert import iter_safetensors, read_hf_config, renamed
 from .errors import PipelineError
 from .files import read_json
-from .model import LlavaModel, ModelArgs, load_units
+from .model import LlavaModel, load_units
+from .model_args import ModelArgs
 from .quantize import decoder_linears, prepare_quantized_structure
 from .source_transforms import apply_source_transforms, check_custom_ops
 
@@ -94,16 +95,6 @@ def load_args(folder: Path) -> ModelArgs:
 def load_transforms(folder: Path) -> tuple[str, ...]:
     """The source transforms a stage folder's model was built with."""
     return tuple(read_json(folder / ARGS_FILE).get("source_transforms", SOURCE_TRANSFORMS))
-
-
-def save_transformed(model: LlavaModel, args: ModelArgs, out: Path) -> None:
-    """An in-memory transformed model in the stage's format (tests)."""
-    writer = ShardWriter(out)
-    for k, v in model.state_dict().items():
-        if not _is_state(k):
-            writer.add(k, v)
-    writer.close()
-    write_args(args, out)
 
 
 def empty_model(args: ModelArgs, transforms: tuple[str, ...] = SOURCE_TRANSFORMS) -> LlavaModel:

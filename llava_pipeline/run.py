@@ -31,7 +31,9 @@ from pathlib import Path
 
 from . import rss
 from .chat import Chat, Turn, first_prompt_ids
-from .runner import Runner, Vocabulary, load_runtime_kernels, native_output_captured, read_program_meta
+from .program_meta import read_program_meta
+from .runner import Runner, load_runtime_kernels, native_output_captured
+from .vocabulary import Vocabulary
 
 
 class UsageError(Exception):

@@ -34,11 +34,9 @@ on the whole text's conversion.)
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import os
-import struct
 import sys
 import tempfile
 import time
@@ -46,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .methods import MAX_SEQ_LEN, REQUIRED
+from .program_meta import ProgramMeta, read_program_meta
+from .vocabulary import Utf8Stream, Vocabulary
 
 
 def load_kernels() -> None:
@@ -147,186 +146,6 @@ def native_output_captured():
             real_stdout.close()
             sink.seek(0)
             captured.append(sink.read().decode("utf-8", errors="replace"))
-
-
-# ------------------------------------------------------------------ program metadata
-
-
-@dataclass(frozen=True)
-class ProgramMeta:
-    """What the CLI needs to know about a .pte before running it."""
-
-    methods: frozenset[str]
-    max_seq_len: int  # longest single prefill
-    max_context_len: int  # KV-cache positions (the runner's limit on prompt + answer)
-    vocab_size: int  # width of text_decoder's logits
-    declared_vocab_size: int | None  # the get_vocab_size constant, if any
-    eos_ids: tuple[int, ...]
-    image_size: tuple[int, int]  # (H, W) the vision encoder takes
-    image_tokens: int  # positions one image takes in the KV cache
-
-
-def _load_program(path: Path):
-    try:  # the public executorch.runtime wrapper imports executorch.exir (~4 s) first
-        from executorch.extension.pybindings import _C
-
-        return _C._load_program(str(path))
-    except ImportError:
-        from executorch.runtime import Runtime
-
-        return Runtime.get().load_program(str(path))._program
-
-
-def read_program_meta(path: Path) -> ProgramMeta:
-    """Read constants and tensor shapes from a .pte, loading only its constant methods.
-
-    Raises ValueError (one line) if the file is not an ExecuTorch program or lacks
-    a method the runner needs."""
-    try:
-        program = _load_program(path)
-        names = frozenset(program.get_method_name(i) for i in range(program.num_methods()))
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a loadable ExecuTorch program ({e})") from None
-    missing = [n for n in REQUIRED if n not in names]
-    if missing:
-        raise ValueError(f"{path} lacks the method(s) {', '.join(missing)} that the runner needs")
-
-    def constant(name: str) -> list[int] | None:
-        if name not in names:
-            return None
-        return [int(v) for v in program.load_method(name).call([])]
-
-    try:
-        declared = constant(MAX_SEQ_LEN)
-        assert declared is not None  # one of the REQUIRED methods, checked above
-        max_seq_len = declared[0]
-        context = constant("get_max_context_len")
-        vocab = constant("get_vocab_size")
-        eos = constant("get_eos_ids") or []
-        vision = program.method_meta("vision_encoder")
-        image_in, image_out = vision.input_tensor_meta(0).sizes(), vision.output_tensor_meta(0).sizes()
-        logits = program.method_meta("text_decoder").output_tensor_meta(0).sizes()
-    except (RuntimeError, IndexError) as e:
-        raise ValueError(f"{path}: cannot read the program's metadata ({e})") from None
-    return ProgramMeta(
-        methods=names,
-        max_seq_len=max_seq_len,
-        max_context_len=context[0] if context else max_seq_len,
-        vocab_size=int(logits[-1]),
-        declared_vocab_size=vocab[0] if vocab else None,
-        eos_ids=tuple(eos),
-        image_size=(int(image_in[-2]), int(image_in[-1])),
-        image_tokens=int(image_out[-2]),
-    )
-
-
-# ------------------------------------------------------------------ the runner's tokenizer
-
-
-def _llama2c_raw_pieces(path: Path) -> list[bytes] | None:
-    """The stored piece strings of an llama2c tokenizer.bin (header of 4 uint32, then per
-    id float32 score, uint32 length, bytes); None if the file does not parse as one."""
-    data = Path(path).read_bytes()
-    try:
-        n = struct.unpack_from("<I", data, 0)[0]
-        off, pieces = 16, []
-        for _ in range(n):
-            length = struct.unpack_from("<I", data, off + 4)[0]
-            pieces.append(data[off + 8 : off + 8 + length])
-            off += 8 + length
-    except struct.error:
-        return None
-    return pieces
-
-
-def _is_byte_piece(raw: bytes) -> bool:
-    return len(raw) == 6 and raw.startswith(b"<0x") and raw.endswith(b">")
-
-
-class Vocabulary:
-    """The runner's tokenizer (an llama2c tokenizer.bin) as pytorch_tokenizers' C++ code reads it.
-
-    ``piece(id)`` is the bytes the runner's token callback gets for that token;
-    ``id_of(bytes)`` maps them back. Where several ids decode to the same bytes (in
-    Llama-2, the ASCII byte-fallback pieces ``<0x20>``..``<0x7E>`` and the ordinary
-    one-character pieces) it prefers the ordinary piece: trained models practically
-    never emit a byte-fallback piece for a character the vocabulary has.
-    """
-
-    def __init__(
-        self,
-        path: Path | None = None,
-        *,
-        pieces: list[bytes] | None = None,
-        bos: int = 1,
-        eos: int = 2,
-        byte_fallback: frozenset[int] = frozenset(),
-    ):
-        self._tok = None
-        # without a file the pieces are given (none: an empty vocabulary); with one, read lazily
-        self._pieces = pieces if pieces is not None or path is not None else []
-        self._byte_fallback = byte_fallback
-        self._ids: dict[bytes, int] | None = None
-        self._path = path
-        if path is None:
-            self.size, self.bos, self.eos = len(pieces or []), bos, eos
-            return
-        from pytorch_tokenizers import CppLlama2cTokenizer
-
-        tok = CppLlama2cTokenizer()
-        try:
-            tok.load(str(path))
-        except RuntimeError as e:
-            raise ValueError(f"{path} is not an llama2c tokenizer.bin ({e})") from None
-        self._tok = tok
-        self.size, self.bos, self.eos = tok.vocab_size(), tok.bos_tok(), tok.eos_tok()
-
-    def encode(self, text: str, bos: int = 0, eos: int = 0) -> list[int]:
-        """Token ids as the runner's tokenizer encodes ``text`` (a dummy prefix included)."""
-        if self._tok is None:
-            raise ValueError("this vocabulary has no encoder")
-        return list(self._tok.encode(text, bos, eos))
-
-    def piece(self, token_id: int) -> bytes:
-        if self._pieces is not None:
-            return self._pieces[token_id]
-        assert self._tok is not None  # no pieces given: loaded from the file
-        try:
-            return self._tok.decode(token_id).encode("utf-8")
-        except UnicodeDecodeError as e:
-            return bytes(e.object)
-
-    def id_of(self, raw: bytes) -> int | None:
-        ids = self._ids if self._ids is not None else self._build_index()
-        return ids.get(raw)
-
-    def _build_index(self) -> dict[bytes, int]:
-        if self._pieces is None:
-            assert self._path is not None  # no pieces given: they are the file's
-            self._pieces = [self.piece(i) for i in range(self.size)]
-            stored = _llama2c_raw_pieces(self._path)
-            if stored is not None and len(stored) == self.size:
-                self._byte_fallback = frozenset(i for i, s in enumerate(stored) if _is_byte_piece(s))
-        ids: dict[bytes, int] = {}
-        for i, raw in enumerate(self._pieces):
-            if raw not in ids or (ids[raw] in self._byte_fallback and i not in self._byte_fallback):
-                ids[raw] = i
-        self._ids = ids
-        return ids
-
-
-class Utf8Stream:
-    """Bytes of successive pieces in, text out: an incomplete UTF-8 sequence is held back
-    until its last byte arrives; bytes that can never form a character become U+FFFD."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, data: bytes) -> str:
-        return self._decoder.decode(data)
-
-    def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
 
 
 # ------------------------------------------------------------------ generation

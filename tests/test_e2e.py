@@ -15,7 +15,8 @@ import torch
 
 from llava_pipeline import image as image_mod
 from llava_pipeline import tokenizer as tok_mod
-from llava_pipeline.runner import Runner, Vocabulary, image_input, text_input, token_input
+from llava_pipeline.runner import Runner, image_input, text_input, token_input
+from llava_pipeline.vocabulary import Vocabulary
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,8 @@ from PIL import Image
 
 from llava_pipeline import llava_main, runner_image, shapes
 from llava_pipeline.llava_main import PRESET
-from llava_pipeline.runner import Vocabulary, image_input, load_runtime_kernels
+from llava_pipeline.runner import image_input, load_runtime_kernels
+from llava_pipeline.vocabulary import Vocabulary
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ class Export:
     def __init__(self, outputs: Path):
         from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
-        from llava_pipeline.runner import read_program_meta
+        from llava_pipeline.program_meta import read_program_meta
 
         self.outputs = outputs
         self.vocab = Vocabulary(outputs / "tokenizer.bin")

@@ -10,8 +10,11 @@ import torch
 from transformers import CLIPImageProcessorPil
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from llava_pipeline.convert import from_hf_model, hf_to_llava_state_dict, load_checkpoint
-from llava_pipeline.model import ModelArgs, apply_rotary, model_args_from_hf_config
+from llava_pipeline import model_io
+from llava_pipeline.convert import from_hf_model, renamed
+from llava_pipeline.errors import PipelineError
+from llava_pipeline.model import apply_rotary
+from llava_pipeline.model_args import ModelArgs, model_args_from_hf_config
 from llava_pipeline.source_transforms import apply_source_transforms, check_custom_ops
 from llava_pipeline.tiny import make_tiny_llava, tiny_llava_config
 
@@ -362,17 +365,24 @@ def args(plain):
     return plain.args
 
 
-def test_key_mapping_both_styles(hf, args, plain):
+@pytest.fixture(scope="module")
+def rename(plain):
+    """convert.renamed, the source_transform stage's renamer, over a whole state dict."""
+    shapes = {k: p.shape for k, p in plain.named_parameters()}
+    return lambda state, args: dict(renamed(args, state.items(), shapes))
+
+
+def test_key_mapping_both_styles(hf, args, plain, rename):
     sd5 = hf.state_dict()
     assert any(k.startswith("model.language_model.") for k in sd5)
-    new = hf_to_llava_state_dict(sd5, args)
+    new = rename(sd5, args)
     hub = hub_style(sd5)
     hub["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(577)[None]
     hub["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
-    old = hf_to_llava_state_dict(hub, args)
+    old = rename(hub, args)
     # early transformers 5 kept CLIPVisionModel's inner vision_model level
     mid = {k.replace("model.vision_tower.", "model.vision_tower.vision_model.", 1): v for k, v in sd5.items()}
-    mid = hf_to_llava_state_dict(mid, args)
+    mid = rename(mid, args)
     assert new.keys() == old.keys() == mid.keys() == dict(plain.named_parameters()).keys()
     assert all(new[k] is old[k] and new[k] is mid[k] for k in new)
     # dropped on purpose: the last vision layer (feature layer -2) and post_layernorm
@@ -384,15 +394,15 @@ def test_key_mapping_both_styles(hf, args, plain):
     assert new["text_decoder.output.weight"] is sd5["lm_head.weight"]
 
 
-def test_missing_and_unknown_keys(hf, args):
+def test_missing_and_unknown_keys(hf, args, rename):
     sd = hub_style(hf.state_dict())
     del sd["language_model.model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(KeyError, match=r"language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
-        hf_to_llava_state_dict(sd, args)
+        rename(sd, args)
     sd = dict(hf.state_dict())
     sd["model.language_model.layers.2.mlp.up_proj.weight"] = torch.zeros(1)  # a layer we don't have
     with pytest.raises(ValueError, match=r"layers\.2\.mlp\.up_proj"):
-        hf_to_llava_state_dict(sd, args)
+        rename(sd, args)
 
 
 @pytest.fixture(scope="module")
@@ -402,12 +412,27 @@ def saved(hf, tmp_path_factory):
     return d
 
 
-def test_load_checkpoint_matches_in_memory(saved, plain):
-    loaded = load_checkpoint(saved, MAX_SEQ_LEN)
-    assert loaded.args == plain.args
+def load_checkpoint(ckpt, tmp_path, dtype=torch.float32, max_seq_len=MAX_SEQ_LEN):
+    """An HF checkpoint folder through the stages' own path: source_transform's streamed
+    rename (model_io.write_transformed), then the quantize stage's loader (load_transformed)."""
+    out = tmp_path / "transformed"
+    out.mkdir()
+    model_io.write_transformed(ckpt, max_seq_len, out)
+    return model_io.load_transformed(out, dtype=dtype)
+
+
+def _same_weights(loaded, plain):
     ref = dict(plain.named_parameters())
-    for k, p in loaded.named_parameters():
+    got = dict(loaded.named_parameters())
+    assert got.keys() == ref.keys()
+    for k, p in got.items():
         assert torch.equal(p, ref[k]), k
+
+
+def test_load_checkpoint_matches_in_memory(saved, plain, tmp_path):
+    loaded = load_checkpoint(saved, tmp_path)
+    assert loaded.args == plain.args
+    _same_weights(loaded, plain)
     assert not any(p.requires_grad for p in loaded.parameters())
     assert all(b.abs().sum() == 0 for n, b in loaded.named_buffers() if n.endswith("_cache"))
 
@@ -416,30 +441,29 @@ def test_load_checkpoint_bf16_and_preprocessor_mean(saved, tmp_path):
     d = tmp_path / "ckpt"
     shutil.copytree(saved, d)
     (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
-    m = load_checkpoint(d, 64, dtype=torch.bfloat16)
+    m = load_checkpoint(d, tmp_path, dtype=torch.bfloat16, max_seq_len=640)
     assert m.text_decoder.output.weight.dtype == torch.bfloat16
     assert m.vision_encoder.mean.flatten().tolist() == [0.5] * 3
     assert m.vision_encoder.std.flatten().tolist() == [0.25] * 3
 
 
 def test_load_sharded_checkpoint(hf, plain, tmp_path):
-    hf.save_pretrained(tmp_path, max_shard_size="2MB")
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    ckpt = tmp_path / "ckpt"
+    hf.save_pretrained(ckpt, max_shard_size="2MB")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert not (tmp_path / "model.safetensors").exists()
-    loaded = load_checkpoint(tmp_path, MAX_SEQ_LEN)
-    ref = dict(plain.named_parameters())
-    assert all(torch.equal(p, ref[k]) for k, p in loaded.named_parameters())
+    assert not (ckpt / "model.safetensors").exists()
+    _same_weights(load_checkpoint(ckpt, tmp_path), plain)
 
 
 def test_hub_style_safetensors_checkpoint(hf, plain, tmp_path):
     from safetensors.torch import save_file
 
-    (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
-    save_file({k: v.contiguous() for k, v in hub_style(hf.state_dict()).items()}, tmp_path / "model.safetensors")
-    loaded = load_checkpoint(tmp_path, MAX_SEQ_LEN)
-    ref = dict(plain.named_parameters())
-    assert all(torch.equal(p, ref[k]) for k, p in loaded.named_parameters())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    save_file({k: v.contiguous() for k, v in hub_style(hf.state_dict()).items()}, ckpt / "model.safetensors")
+    _same_weights(load_checkpoint(ckpt, tmp_path), plain)
 
 
 def test_truncated_safetensors_names_file(saved, tmp_path):
@@ -447,16 +471,17 @@ def test_truncated_safetensors_names_file(saved, tmp_path):
     shutil.copytree(saved, d)
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(ValueError, match="model.safetensors"):
-        load_checkpoint(d, MAX_SEQ_LEN)
+    with pytest.raises(PipelineError, match="model.safetensors"):
+        load_checkpoint(d, tmp_path)
 
 
 def test_missing_shard_names_file(hf, tmp_path):
-    hf.save_pretrained(tmp_path, max_shard_size="2MB")
-    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    ckpt = tmp_path / "ckpt"
+    hf.save_pretrained(ckpt, max_shard_size="2MB")
+    shard = sorted(ckpt.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=shard.name):
-        load_checkpoint(tmp_path, MAX_SEQ_LEN)
+    with pytest.raises(PipelineError, match=shard.name):
+        load_checkpoint(ckpt, tmp_path)
 
 
 # ----------------------------------------------------------------------------- tiny preset

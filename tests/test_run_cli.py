@@ -27,7 +27,9 @@ from skimage import data
 
 from llava_pipeline import shapes
 from llava_pipeline import tokenizer as tok_mod
-from llava_pipeline.runner import Generation, ProgramMeta, Runner, Utf8Stream, Vocabulary, token_input
+from llava_pipeline.program_meta import ProgramMeta
+from llava_pipeline.runner import Generation, Runner, token_input
+from llava_pipeline.vocabulary import Utf8Stream, Vocabulary
 
 from .conftest import ROOT
 

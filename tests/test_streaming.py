@@ -8,7 +8,7 @@ import torch
 
 from llava_pipeline import model_io, quantize, synthetic
 from llava_pipeline.config import QuantConfig
-from llava_pipeline.convert import load_checkpoint
+from llava_pipeline.convert import from_hf_model
 from llava_pipeline.errors import PipelineError
 from llava_pipeline.model import load_units
 from llava_pipeline.source_transforms import apply_source_transforms
@@ -83,7 +83,12 @@ def test_streamed_transform_keeps_dtype_and_matches_in_memory(ckpt, transformed)
 
     with safe_open(str(files["text_decoder.output.weight"]), framework="pt") as f:
         assert f.get_tensor("text_decoder.output.weight").dtype == torch.bfloat16
-    ref = load_checkpoint(ckpt, MAX_SEQ_LEN)  # all of it in memory, then transformed
+    from transformers import LlavaForConditionalGeneration
+
+    # transformers' own loader, all of it in memory, then renamed and transformed
+    hf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    pre = json.loads((ckpt / "preprocessor_config.json").read_text())
+    ref = from_hf_model(hf, MAX_SEQ_LEN, image_mean=pre["image_mean"], image_std=pre["image_std"])
     apply_source_transforms(ref, model_io.SOURCE_TRANSFORMS)
     got = model_io.load_transformed(transformed)
     ref_state, got_state = ref.state_dict(), got.state_dict()

@@ -51,7 +51,8 @@ from .report import Report, fmt
 if TYPE_CHECKING:  # torch and the model are imported where used: the CLI's errors come fast
     import torch
 
-    from ..model import LlavaModel, ModelArgs
+    from ..model import LlavaModel
+    from ..model_args import ModelArgs
 
 QUESTION = "What is shown in this picture?"
 
