@@ -609,6 +609,7 @@ def write_card(folder: Path, model, stats: dict) -> None:
     )
     args = stats["args"]
     runs = stats.get("runs", [_run_entry(stats)])
+    value_weights = [r["value_weight"] for r in runs if r.get("value_weight")]
     total = {
         f"{ph}_{what}": round(sum(r.get(f"{ph}_{what}", 0) for r in runs), 1)
         for ph in PHASES
@@ -634,9 +635,9 @@ def write_card(folder: Path, model, stats: dict) -> None:
             n_big=args["eval_scenes"] // 3,
             attention=ATTENTION_TEXT.format(
                 **total,
-                value=", ".join(
-                    VALUE_TEXT.format(value_weight=r["value_weight"]) for r in runs if r.get("value_weight")
-                ),
+                value=VALUE_TEXT.format(value_weight=", then ".join(str(w) for w in value_weights))
+                if value_weights
+                else "",
             )
             if total["attention_steps"]
             else "",
