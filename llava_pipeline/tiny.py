@@ -36,25 +36,30 @@ EMBED_STD = 2.0
 SELF_PENALTY = 4.0
 
 
-def tiny_llava_config() -> LlavaConfig:
+def tiny_llava_config(
+    vision_hidden: int = 64, vision_mlp: int = 128, text_hidden: int = 64, text_mlp: int = 128
+) -> LlavaConfig:
+    """LLaVA-1.5's geometry (336 px, patch 14, 576 tokens, feature layer -2, vocab 32064) and
+    formats at small widths: 3 CLIP layers (2 of them run), 2 Llama layers. The defaults are the
+    random-weight test model's; the built-in model (scripts/train_builtin.py) is twice as wide."""
     cfg = LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_mlp,
             num_hidden_layers=3,
             num_attention_heads=4,
             image_size=336,
             patch_size=14,
-            projection_dim=64,
+            projection_dim=vision_hidden,
             hidden_act="quick_gelu",
             layer_norm_eps=1e-5,
         ),
         text_config=dict(
             model_type="llama",
             vocab_size=32064,
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=text_hidden,
+            intermediate_size=text_mlp,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

@@ -41,6 +41,7 @@ from llava_pipeline import shapes
 from llava_pipeline.files import write_json
 from llava_pipeline.machine import isa_flags, machine
 from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL, write_processor_files
+from llava_pipeline.tiny import tiny_llava_config
 
 IMAGE_ID, EOS_ID, PAD_ID = 32000, 2, 32001
 N_PATCH = 576
@@ -54,47 +55,9 @@ SYSTEM = (
 
 
 def model_config() -> LlavaConfig:
-    """LLaVA-1.5's geometry (336 px, patch 14, 576 tokens, layer -2, vocab 32064), small widths,
-    and the depths of the random tiny model (3 CLIP layers of which 2 run, 2 Llama layers), so the
-    export's graphs are no larger than before."""
-    cfg = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=336,
-            patch_size=14,
-            projection_dim=128,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-        ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=32064,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=PAD_ID,
-            tie_word_embeddings=False,
-        ),
-        image_token_index=IMAGE_ID,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=N_PATCH,
-        tie_word_embeddings=False,
-    )
-    # Not a LlavaConfig field (it keeps unknown keys as attributes): set like one, config.json unchanged.
-    cfg.pad_token_id = PAD_ID
-    return cfg
+    """The random tiny model's geometry and depths (so the export's graphs are no larger than
+    before) at twice its widths: vision 128 (MLP 256), text 128 (MLP 384)."""
+    return tiny_llava_config(vision_hidden=128, vision_mlp=256, text_hidden=128, text_mlp=384)
 
 
 # ----------------------------------------------------------------------------- data
