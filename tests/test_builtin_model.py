@@ -20,10 +20,11 @@ from llava_pipeline.download import BUILTIN_TINY, check_checkpoint
 
 pytestmark = pytest.mark.slow  # transformers generates ~150 answers
 
-# What the committed checkpoint measures on these held-out scenes (count 0.933, color 0.783, left
-# 1.000, describe 0.733 on 30 scenes), less a margin: a regression guard. The task's target
-# (0.95 / 0.95 / 0.95 / 0.90) is not reached yet; see the model card.
-FLOORS = {"count": 0.85, "color": 0.7, "left": 0.9, "describe": 0.65}
+# What the committed checkpoint measures on these held-out scenes (count 0.967, color 0.913, left
+# 1.000, describe 0.867 on 30 scenes; 23 colour questions, so one answer is 4 points), less a
+# margin: a regression guard. The task's target (0.95 / 0.95 / 0.95 / 0.90) is not reached on
+# colour (71.7% of 127 on the model card's scenes); see the model card.
+FLOORS = {"count": 0.85, "color": 0.75, "left": 0.9, "describe": 0.75}
 
 
 def test_geometry_and_formats_are_llava_1_5s():
@@ -81,11 +82,9 @@ def test_a_scene_drawn_larger_gets_the_same_answers():
     assert same >= 0.9, [(a["text"], b["text"]) for a, b in zip(small, big) if a["text"] != b["text"]]
 
 
-def test_sample_image_count_left_and_a_description_in_the_grammar():
-    """The sample scene (a green triangle, a red square and a yellow circle): the count and the
-    leftmost shape are right, and the description names the three shapes in their order from the
-    left, in the task's grammar (the committed model gets the square's colour wrong: "a green
-    triangle, a yellow square and a yellow circle")."""
+def test_sample_image_count_left_and_description():
+    """The sample scene that `make run` asks about: three shapes, a triangle on the left, and
+    the description in the task's grammar, word for word."""
     picture = image.load_image(evalset.ASSETS / "shapes.png")
     scene = shapes.sample_scene(random.Random(17), 3)
     assert np.array_equal(np.asarray(picture), np.asarray(shapes.render(scene)))
@@ -95,8 +94,4 @@ def test_sample_image_count_left_and_a_description_in_the_grammar():
     recs = reference.compute(
         BUILTIN_TINY, [evalset.EvalItem("s", "q", q, None) for q in questions], pixels, "float32", 24, 1
     )
-    assert [r["text"] for r in recs[:2]] == ["three", "triangle"]
-    one = r"a (red|green|blue|yellow) (circle|square|triangle)"
-    match = re.fullmatch(f"{one}, {one} and {one}", recs[2]["text"])
-    assert match, recs[2]["text"]
-    assert match.groups()[1::2] == ("triangle", "square", "circle"), recs[2]["text"]
+    assert [r["text"] for r in recs] == ["three", "triangle", shapes.describe(scene)]
