@@ -15,7 +15,15 @@ from ..runner import load_kernels, native_output_captured
 from .child import Program
 from .contract import check_contract, check_tokenizer
 from .manifest import check_provenance
-from .numerics import TOLERANCES, VISION_TOLERANCES, NumericsInputs, check_numerics, load_image, prompt
+from .numerics import (
+    KV_CACHE_LOGITS_REL,
+    TOLERANCES,
+    VISION_TOLERANCES,
+    NumericsInputs,
+    check_numerics,
+    load_image,
+    prompt,
+)
 from .report import Report, VerifyError
 
 
@@ -53,7 +61,15 @@ def _verify(pte: Path, tokenizer_path, outputs: Path, steps: int, compare_fp32: 
         raise VerifyError(
             f"{outputs / 'quantize/manifest.json'}: unknown quant scheme {scheme!r} (vision {vision_scheme!r})"
         )
-    tol = replace(TOLERANCES[scheme], vision_rel=VISION_TOLERANCES[vision_scheme])
+    kv_cache = manifests["source_transform"].get("config", {}).get("export", {}).get("kv_cache", "fp32")
+    if kv_cache not in KV_CACHE_LOGITS_REL:
+        raise VerifyError(f"{outputs / 'source_transform/manifest.json'}: unknown export.kv_cache {kv_cache!r}")
+    base = TOLERANCES[scheme]
+    tol = replace(
+        base,
+        vision_rel=VISION_TOLERANCES[vision_scheme],
+        logits_rel=max(base.logits_rel, KV_CACHE_LOGITS_REL[kv_cache]),
+    )
     program = Program(pte)  # starts loading in the child while the eager models load here
     try:
         from .. import model_io  # torch and transformers: not at this module's top level
