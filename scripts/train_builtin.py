@@ -160,13 +160,14 @@ def make_batch(
 ):
     """(pixels, per-patch labels, seqs): seqs are (image index, ids, n_prompt, qtype). With
     `annotate(item, ids, n_prompt)`, a fourth element: its result for each sequence.
-    `shape_weights`: relative frequency of scenes with 1, 2, 3 shapes (None: equally often)."""
+    `shape_weights`: relative frequency of scenes with 1, 2, 3 shapes (None: equally often), up
+    to `max_shapes`."""
     pixels, labels, seqs, notes = [], [], [], []
     for i in range(n_images):
         n = (
             rng.randint(1, max_shapes)
             if shape_weights is None
-            else rng.choices(range(1, len(shape_weights) + 1), weights=shape_weights)[0]
+            else rng.choices(range(1, max_shapes + 1), weights=shape_weights[:max_shapes])[0]
         )
         scene = shapes.sample_scene(rng, n)
         pixels.append(to_pixels(scene_image(scene, rng)))
