@@ -496,7 +496,7 @@ kind of shape whose edge crosses a patch. Phase 1, {vision_steps} steps ({vision
 tower with attention (its output projections starting at zero) and the projector, with linear probes
 on the projected patch features (colour, kind, rank from the left, shape count). Phase 2,
 {joint_steps} steps ({joint_minutes} min): the whole model on the answers (cross-entropy on the
-answer tokens, each answer weighing the same), probes kept at weight {aux_weight}.{attention} AdamW,
+answer tokens, each answer weighing the same), probes kept at weight {aux_weight}.{attention}{kind} AdamW,
 warm-up then cosine decay; see the scripts' arguments for every learning rate.
 
 ## Accuracy
@@ -520,6 +520,14 @@ VALUE_TEXT = """, and a linear probe on what that head writes there, which must
 name the shape's colour and kind (weight {value_weight})"""
 
 
+KIND_TEXT = """ From run {first} on, a loss on the first decoder layer too: at the
+position that predicts a colour answer, one head's attention on the question's shape word (-log of
+it; weight {kind_weight}){slot}."""
+
+SLOT_TEXT = """; in run {first}, also that head's attention in descriptions, spread evenly over the
+prompt's last token and the answer's "a" words so far (cross-entropy; weight {slot_weight})"""
+
+
 PHASES = ("patch", "vision", "joint", "attention")
 
 
@@ -531,6 +539,8 @@ def _run_entry(stats: dict) -> dict:
         "train_minutes": stats["train_minutes"],
         "aux_weight": stats["args"]["aux_weight"],
         "value_weight": stats["args"].get("value_weight", 0.0),
+        "kind_weight": stats["args"].get("kind_weight", 0.0),
+        "slot_weight": stats["args"].get("slot_weight", 0.0),
         "machine": stats.get("machine"),
     }
     for phase in PHASES:
@@ -559,6 +569,23 @@ def _training_text(stats: dict) -> str:
         for i, r in enumerate(runs, 1)
     ]
     return "\n".join(lines) + f"\n\n{sum(r['train_minutes'] for r in runs):.1f} min in all."
+
+
+def _kind_text(runs: list[dict]) -> str:
+    """The card's words on the first-layer attention losses, for the runs that had them."""
+    kind = [(i, r["kind_weight"]) for i, r in enumerate(runs, 1) if r.get("kind_weight")]
+    if not kind:
+        return ""
+    slot = [(i, r["slot_weight"]) for i, r in enumerate(runs, 1) if r.get("slot_weight")]
+    return KIND_TEXT.format(
+        first=kind[0][0],
+        kind_weight=", then ".join(str(w) for _, w in kind),
+        slot=SLOT_TEXT.format(
+            first=", ".join(str(i) for i, _ in slot), slot_weight=", then ".join(str(w) for _, w in slot)
+        )
+        if slot
+        else "",
+    )
 
 
 def write_card(folder: Path, model, stats: dict) -> None:
@@ -605,6 +632,7 @@ def write_card(folder: Path, model, stats: dict) -> None:
             )
             if total["attention_steps"]
             else "",
+            kind=_kind_text(runs),
             rows=rows,
             sha=stats["weights_sha256"],
         )
