@@ -524,7 +524,7 @@ KIND_TEXT = """ From run {first} on, a loss on the first decoder layer too: at t
 position that predicts a colour answer, one head's attention on the question's shape word (-log of
 it; weight {kind_weight}){slot}."""
 
-SLOT_TEXT = """; in run {first}, also that head's attention in descriptions, spread evenly over the
+SLOT_TEXT = """; in runs with `--slot-weight` ({first}), also that head's attention in descriptions, spread evenly over the
 prompt's last token and the answer's "a" words so far (cross-entropy; weight {slot_weight})"""
 
 
