@@ -67,12 +67,15 @@ def test_speed_goes_to_the_metrics_file_not_the_lock(export_8da4w):
 def test_an_absurd_floor_fails_in_one_line_and_keeps_the_metrics(export_8da4w):
     work = export_8da4w.parent
     before = (work / "metrics" / "quality.json").read_bytes()
-    proc = run_stage(work, "evaluate", "evaluate.min_top1=1.0", check=False)
+    # A KL of exactly zero: no quantized export meets it (the default's top-1 is 1.0, so a top-1
+    # floor of 1.0 would not be absurd).
+    proc = run_stage(work, "evaluate", "evaluate.max_kl=0.0", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    top1 = _quality(export_8da4w)["top1"]
-    assert lines[0].startswith(f"error: top1 = {top1} is below evaluate.min_top1 = 1.0")
+    kl = _quality(export_8da4w)["kl"]
+    assert kl > 0
+    assert lines[0].startswith(f"error: kl = {kl} is above evaluate.max_kl = 0.0"), lines
     assert (work / "metrics" / "quality.json").read_bytes() == before
     assert (work / "outputs" / "evaluate" / "quality.json").is_file()  # the last good run stays
 
