@@ -122,14 +122,12 @@ def forward(
     slots,
     rank: torch.Tensor,
     kind_head: int = 0,
-    colour_scale: float = 1.0,
     slot_head=None,
 ):
     """train_builtin.answer_logits plus the attention losses (the last layer's, then the first
     layer's on the question's shape word) and, at the supervised positions, what head 0 writes
     (its input to o_proj): (out [N, head_dim], image index [N], rank [N]), or None where no
-    position is supervised. `colour_scale` weighs the colour answers' positions in the
-    last layer's loss against the others' (describe has about five per answer, colour one)."""
+    position is supervised."""
     captured: dict[str, torch.Tensor] = {}
     attn = model.model.language_model.layers[-1].self_attn
     hook = attn.o_proj.register_forward_pre_hook(lambda mod, inp: captured.__setitem__("x", inp[0]))
@@ -152,9 +150,7 @@ def forward(
     start = torch.tensor([seqs[b][1].index(tb.IMAGE_ID) for b in sr.tolist()])
     att = out.attentions[-1][:, 0]  # last layer, head 0: [B, T, T]
     a_img = att[sr, sc].gather(1, start[:, None] + torch.arange(tb.N_PATCH))
-    per_position = -((a_img * (rank[owner_img] == sranks[:, None])).sum(-1) + 1e-4).log()
-    weight = torch.tensor([colour_scale if seqs[b][3] == "color" else 1.0 for b in sr.tolist()])
-    losses["att"] = (per_position * weight).sum() / weight.sum()
+    losses["att"] = -((a_img * (rank[owner_img] == sranks[:, None])).sum(-1) + 1e-4).log().mean()
     head_out = captured["x"][sr, sc, : attn.head_dim]
     return logits, torch.tensor(targets), rows, losses, (head_out, owner_img, sranks)
 
@@ -193,12 +189,6 @@ def main(argv=None) -> int:
         type=float,
         default=0.0,
         help="weight of a loss on the first decoder layer's attention, at a colour answer, to the question's shape word",
-    )
-    ap.add_argument(
-        "--color-att-scale",
-        type=float,
-        default=1.0,
-        help="weight of a colour answer's position in the last layer's attention loss, against the others' 1",
     )
     ap.add_argument(
         "--slot-weight",
@@ -274,7 +264,6 @@ def main(argv=None) -> int:
             slots,
             labels["rank"],
             args.kind_head,
-            args.color_att_scale,
             args.slot_head if args.slot_weight else None,
         )
         value_loss = torch.zeros(())
