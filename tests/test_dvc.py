@@ -112,7 +112,10 @@ def test_push_then_pull_into_another_clone_reruns_nothing(project, tmp_path):
     fresh clone pulls them instead of re-running (on another ISA the lock's two float outputs
     may differ from the committed one, see above, so the lock the workspace has is committed)."""
     _sh(["dvc", "commit", "--force"], project)
-    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", "--allow-empty", "dvc.lock"], project)
+    _sh(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", "--allow-empty", "dvc.lock"],
+        project,
+    )
     remote = tmp_path / "remote"
     _sh(["dvc", "remote", "add", "-d", "team", str(remote)], project)
     _sh(["dvc", "push"], project)
