@@ -99,14 +99,18 @@ def _fits(box: tuple[int, int, int], placed: list[Shape]) -> bool:
     return True
 
 
-def sample_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
-    """A random scene of the grammar above (`n_shapes` 1-3, random if None)."""
+def sample_scene(rng: random.Random, n_shapes: int | None = None, sides: tuple[int, int] | None = None) -> Scene:
+    """A random scene of the grammar above (`n_shapes` 1-3, random if None; box sides drawn from
+    `sides`, a sub-range of MIN_SIDE..MAX_SIDE, or from all of it if None)."""
+    lo, hi = sides or (MIN_SIDE, MAX_SIDE)
+    if not MIN_SIDE <= lo <= hi <= MAX_SIDE:
+        raise ValueError(f"sides {sides} is not within {MIN_SIDE}..{MAX_SIDE}")
     while True:
         n = n_shapes or rng.randint(1, 3)
         background = _rgb(rng.randint(215, 255) for _ in range(3))
         placed: list[Shape] = []
         for _ in range(200):  # rejection sampling of boxes; restart the scene if it gets stuck
-            side = rng.randint(MIN_SIDE, MAX_SIDE)
+            side = rng.randint(lo, hi)
             box = (rng.randint(MARGIN, SIZE - MARGIN - side), rng.randint(MARGIN, SIZE - MARGIN - side), side)
             if _fits(box, placed):
                 color = rng.choice(sorted(COLORS))

@@ -204,6 +204,14 @@ def main(argv=None) -> int:
         default=0,
         help="teacher-forced colour accuracy on 48 fixed 2-3 shape scenes every N steps",
     )
+    ap.add_argument(
+        "--count-hard",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of training scenes whose shape sizes decorrelate area from count (train_builtin.HARD_SIDES); "
+        "with --val-every, validation adds 48 such scenes' count questions",
+    )
     ap.add_argument("--keep", type=tb._keep, default=None, metavar="TYPE=P,...", help="as train_builtin's")
     ap.add_argument(
         "--shape-weights",
@@ -249,12 +257,21 @@ def main(argv=None) -> int:
         if args.val_every
         else []
     )
+    if args.val_every and args.count_hard:
+        only_count = {"left": 0.0, "describe": 0.0}  # and every colour question, as always
+        val += [tb.make_batch(val_rng, prompts, 8, keep=only_count, count_hard=1.0) for _ in range(6)]
     t0 = time.time()
     for step in range(args.attention_steps):
         for g, (_, peak) in zip(opt.param_groups, groups):
             g["lr"] = tb.lr_at(step, args.attention_steps, peak)
         pixels, labels, seqs, slots = tb.make_batch(
-            rng, prompts, args.batch, keep=args.keep, annotate=slots_for, shape_weights=args.shape_weights
+            rng,
+            prompts,
+            args.batch,
+            keep=args.keep,
+            annotate=slots_for,
+            shape_weights=args.shape_weights,
+            count_hard=args.count_hard,
         )
         feats = tb.image_features(model, pixels)
         logits, targets, owner, att, picked = forward(

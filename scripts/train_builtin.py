@@ -149,6 +149,12 @@ def scene_items(scene: shapes.Scene, rng: random.Random, keep: dict[str, float] 
     ]
 
 
+# Box sides per shape count for scenes where the area covered says the wrong count: two or
+# three large shapes cover more than three small ones (a model that counts by area gets the
+# 2-shape scenes of sides 82-100 wrong as "three", and 3-shape ones of sides 56-64 as "two").
+HARD_SIDES = {1: (90, 100), 2: (84, 100), 3: (56, 68)}
+
+
 def make_batch(
     rng: random.Random,
     prompts: Prompts,
@@ -157,11 +163,13 @@ def make_batch(
     keep: dict[str, float] | None = None,
     annotate=None,
     shape_weights: list[float] | None = None,
+    count_hard: float = 0.0,
 ):
     """(pixels, per-patch labels, seqs): seqs are (image index, ids, n_prompt, qtype). With
     `annotate(item, ids, n_prompt)`, a fourth element: its result for each sequence.
     `shape_weights`: relative frequency of scenes with 1, 2, 3 shapes (None: equally often), up
-    to `max_shapes`."""
+    to `max_shapes`. `count_hard`: the share of scenes whose box sides come from HARD_SIDES, where
+    the shapes' area says the wrong count."""
     pixels, labels, seqs, notes = [], [], [], []
     for i in range(n_images):
         n = (
@@ -169,7 +177,9 @@ def make_batch(
             if shape_weights is None
             else rng.choices(range(1, max_shapes + 1), weights=shape_weights[:max_shapes])[0]
         )
-        scene = shapes.sample_scene(rng, n)
+        # Drawn only when asked for, so that a run without it sees the same scenes as before.
+        hard = count_hard > 0 and rng.random() < count_hard
+        scene = shapes.sample_scene(rng, n, HARD_SIDES[n] if hard else None)
         pixels.append(to_pixels(scene_image(scene, rng)))
         labels.append(patch_labels(scene))
         for item in scene_items(scene, rng, keep):
@@ -528,6 +538,11 @@ SLOT_TEXT = """; in runs with `--slot-weight` ({first}), also that head's attent
 prompt's last token and the answer's "a" words so far (cross-entropy; weight {slot_weight})"""
 
 
+COUNT_TEXT = """ In runs with `--count-hard` ({runs}), a share of the training scenes
+({shares}) is drawn at sizes where the area the shapes cover says the wrong count: two shapes of
+side {two} px, three of {three} px."""
+
+
 PHASES = ("patch", "vision", "joint", "attention")
 
 
@@ -541,6 +556,7 @@ def _run_entry(stats: dict) -> dict:
         "value_weight": stats["args"].get("value_weight", 0.0),
         "kind_weight": stats["args"].get("kind_weight", 0.0),
         "slot_weight": stats["args"].get("slot_weight", 0.0),
+        "count_hard": stats["args"].get("count_hard", 0.0),
         "machine": stats.get("machine"),
     }
     for phase in PHASES:
@@ -588,6 +604,19 @@ def _kind_text(runs: list[dict]) -> str:
     )
 
 
+def _count_text(runs: list[dict]) -> str:
+    """The card's words on the count-hard scenes, for the runs that had them."""
+    hard = [(i, r["count_hard"]) for i, r in enumerate(runs, 1) if r.get("count_hard")]
+    if not hard:
+        return ""
+    return COUNT_TEXT.format(
+        runs=", ".join(str(i) for i, _ in hard),
+        shares=", then ".join(str(p) for _, p in hard),
+        two="-".join(map(str, HARD_SIDES[2])),
+        three="-".join(map(str, HARD_SIDES[3])),
+    )
+
+
 def write_card(folder: Path, model, stats: dict) -> None:
     cfg = model.config
     v, t = cfg.vision_config, cfg.text_config
@@ -632,7 +661,7 @@ def write_card(folder: Path, model, stats: dict) -> None:
             )
             if total["attention_steps"]
             else "",
-            kind=_kind_text(runs),
+            kind=_kind_text(runs) + _count_text(runs),
             rows=rows,
             sha=stats["weights_sha256"],
         )

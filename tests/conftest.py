@@ -95,33 +95,20 @@ def export_8da4w(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def export_options(tmp_path_factory, export_8da4w) -> Path:
-    """The default with both non-default options on: export.kv_cache=int8 and quant.vision=8da8w
-    (from source_transform, the int8 cache being a source transform); stops at emit, whose
-    verifier checks every method of it against the eager model."""
+def export_int8(tmp_path_factory, export_8da4w) -> Path:
+    """The default with every int8 option on at once, in one export (each costs a pipeline
+    run): an int8 decoder (quant.scheme=8da8w, quant.group_size=0: one scale per output
+    channel), an int8 vision tower (quant.vision=8da8w) and export.kv_cache=int8 (a source
+    transform, so from source_transform on, with the default's download); stops at emit, whose
+    verifier checks every method against the eager model."""
 
     def build(work: Path) -> None:
-        make_workdir(work, export__kv_cache="int8", quant__vision="8da8w")
+        make_workdir(work, quant__scheme="8da8w", quant__group_size=0, quant__vision="8da8w", export__kv_cache="int8")
         (work / "outputs").mkdir()
         shutil.copytree(export_8da4w / "download", work / "outputs" / "download")
         run_pipeline(work, start="source_transform", skip=("reference", "evaluate"))
 
-    return shared_dir(tmp_path_factory, "options", build) / "outputs"
-
-
-@pytest.fixture(scope="session")
-def export_8da8w(tmp_path_factory, export_8da4w) -> Path:
-    """The default with an int8 decoder (quant.scheme=8da8w, quant.group_size=0: one scale per
-    output channel), from quantize on, with the default's download and source_transform; stops
-    at emit, whose verifier checks every method against the eager 8da8w model."""
-
-    def build(work: Path) -> None:
-        make_workdir(work, quant__scheme="8da8w", quant__group_size=0)
-        for stage in ("download", "source_transform"):
-            shutil.copytree(export_8da4w / stage, work / "outputs" / stage)
-        run_pipeline(work, start="quantize", skip=("reference", "evaluate"))
-
-    return shared_dir(tmp_path_factory, "q8da8w", build) / "outputs"
+    return shared_dir(tmp_path_factory, "int8", build) / "outputs"
 
 
 @pytest.fixture(scope="session")

@@ -56,12 +56,12 @@ def test_checks_see_the_quantized_pieces(models):
 
 
 @pytest.mark.slow
-def test_int8_cache_pipeline_passes_the_verifier(export_options, export_8da4w):
-    """The whole pipeline with export.kv_cache=int8 (and quant.vision=8da8w): emit's verifier
+def test_int8_cache_pipeline_passes_the_verifier(export_int8, export_8da4w):
+    """The whole pipeline with export.kv_cache=int8 (and the int8 decoder and vision tower): emit's verifier
     (runner vs eager) passes, and the program's mutable cache state is a quarter of the fp32 one."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    out = export_options
+    out = export_int8
     assert (out / "llava.pte").is_file() and (out / "emit" / "manifest.json").is_file()
 
     def cache_bytes(pte):

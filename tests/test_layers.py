@@ -189,3 +189,63 @@ def test_the_library_and_the_stages_do_not_import_bench():
         if BENCH in b.parents
     ]
     assert not found, found
+
+
+# The package's layers, bottom first (README's Layout lists them the same way). A module may
+# import modules of its own layer or of the layers below it, never above.
+LAYERS = {
+    "base": ("__init__", "errors", "files", "rss", "machine", "methods", "config", "params"),
+    "formats": ("tokenizer", "vocabulary", "image", "runner_image", "ptesize", "program_meta", "shapes"),
+    "model": (
+        "model_args",
+        "model",
+        "tiny",
+        "checkpoint_files",
+        "processor_files",
+        "synthetic",
+        "convert",
+        "source_transforms",
+    ),
+    "export": ("quantize", "export", "model_io"),
+    "pipeline": ("stage", "download", "evalset", "reference"),
+    "runtime": ("runner", "chat", "evaluate", "llava_main", "sweep", "run"),
+    "verify": ("verify", "test_pte"),
+}
+
+
+def _layer_of(path: Path) -> int | None:
+    name = path.relative_to(PACKAGE).with_suffix("").parts[0]
+    return next((i for i, mods in enumerate(LAYERS.values()) if name in mods), None)
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    graph = import_graph()
+    modules = [p for p in graph if PACKAGE in p.parents]
+    assert not [_dotted(p) for p in modules if _layer_of(p) is None], "modules missing from LAYERS"
+    names = list(LAYERS)
+    upward = [
+        f"{_dotted(a)} ({names[_layer_of(a)]}) imports {_dotted(b)} ({names[_layer_of(b)]}; {'; '.join(where)})"
+        for a in modules
+        for b, where in graph[a].items()
+        if PACKAGE in b.parents and _layer_of(b) > _layer_of(a)
+    ]
+    assert not upward, upward
+
+
+def test_the_readme_lists_the_layers_as_the_test_does():
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("\nllava_pipeline/ ") : text.index("\nbench/ ")]
+    listed: dict[str, list[str]] = {}
+    layer = None
+    for line in block.splitlines()[1:]:
+        if line.startswith("  ["):
+            layer = line[3:].split(":")[0]
+            listed[layer] = []
+        elif line.startswith("  ") and not line.startswith("   "):
+            assert layer is not None, line
+            listed[layer] += [
+                n.removesuffix(",").removesuffix(".py").removesuffix("/") for n in line.split("  ")[1].split()
+            ]
+    assert {k: sorted(v) for k, v in listed.items()} == {
+        k: sorted(m for m in v if m != "__init__") for k, v in LAYERS.items()
+    }

@@ -35,6 +35,21 @@ def test_scenes_follow_the_grammar():
     assert counts == {1, 2, 3}
 
 
+def test_scenes_drawn_at_a_range_of_sizes():
+    rng = random.Random(1)
+    big = [shapes.sample_scene(rng, 2, (84, 100)) for _ in range(50)]
+    assert {len(sc.shapes) for sc in big} == {2}
+    assert all(84 <= s.side <= 100 for sc in big for s in sc.shapes)
+    assert min(s.side for sc in big for s in sc.shapes) < 90 < max(s.side for sc in big for s in sc.shapes)
+    # The full range is the default: the same random numbers give the same scenes.
+    assert shapes.sample_scene(random.Random(2), 3, (shapes.MIN_SIDE, shapes.MAX_SIDE)) == shapes.sample_scene(
+        random.Random(2), 3
+    )
+    for bad in ((40, 60), (90, 80), (60, 120)):
+        with pytest.raises(ValueError, match=f"sides \\({bad[0]}, {bad[1]}\\) is not within 56..100"):
+            shapes.sample_scene(random.Random(0), 1, bad)
+
+
 def test_answers_of_a_known_scene():
     red = shapes.Shape("circle", "red", (230, 40, 40), 200, 20, 60)
     blue = shapes.Shape("square", "blue", (40, 80, 230), 20, 200, 80)

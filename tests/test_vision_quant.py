@@ -70,15 +70,15 @@ def test_unknown_vision_scheme_names_the_key():
 
 
 @pytest.mark.slow
-def test_vision_8da8w_pipeline_passes_the_verifier(export_options, export_8da4w, fp32_model):
-    """The whole pipeline with quant.vision=8da8w (and export.kv_cache=int8): every vision linear
+def test_vision_8da8w_pipeline_passes_the_verifier(export_int8, export_8da4w, fp32_model):
+    """The whole pipeline with quant.vision=8da8w (and the int8 decoder and cache): every vision linear
     lowered to XNNPACK with its activation quantization, emit's verifier passes, and the vision
     method sheds 3 of the 4 bytes of every linear weight (less one fp32 scale per output channel)."""
     from llava_pipeline.files import read_json
     from llava_pipeline.ptesize import method_bytes
     from llava_pipeline.verify import verify
 
-    out = export_options
+    out = export_int8
     assert (out / "llava.pte").is_file() and (out / "emit" / "manifest.json").is_file()
     report = verify(out / "llava.pte")  # the verifier's CLI path: also against the fp32 model
     assert report.ok, report.table()
