@@ -111,6 +111,17 @@ def export_int8(tmp_path_factory, export_8da4w) -> Path:
     return shared_dir(tmp_path_factory, "int8", build) / "outputs"
 
 
+# The names the int8 export had when it was two (the int8 options; the int8 decoder).
+@pytest.fixture(scope="session")
+def export_options(export_int8) -> Path:
+    return export_int8
+
+
+@pytest.fixture(scope="session")
+def export_8da8w(export_int8) -> Path:
+    return export_int8
+
+
 @pytest.fixture(scope="session")
 def export_random(tmp_path_factory) -> Path:
     """The random-weight tiny model (model=tiny-random) exported fp32: its greedy answers run on
