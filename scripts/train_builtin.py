@@ -587,12 +587,17 @@ def _training_text(stats: dict) -> str:
     return "\n".join(lines) + f"\n\n{sum(r['train_minutes'] for r in runs):.1f} min in all."
 
 
+def _runs_with(runs: list[dict], key: str) -> list[tuple[int, float]]:
+    """(run number from 1, value) of the runs whose `key` was set."""
+    return [(i, r[key]) for i, r in enumerate(runs, 1) if r.get(key)]
+
+
 def _kind_text(runs: list[dict]) -> str:
     """The card's words on the first-layer attention losses, for the runs that had them."""
-    kind = [(i, r["kind_weight"]) for i, r in enumerate(runs, 1) if r.get("kind_weight")]
+    kind = _runs_with(runs, "kind_weight")
     if not kind:
         return ""
-    slot = [(i, r["slot_weight"]) for i, r in enumerate(runs, 1) if r.get("slot_weight")]
+    slot = _runs_with(runs, "slot_weight")
     return KIND_TEXT.format(
         first=kind[0][0],
         kind_weight=", then ".join(str(w) for _, w in kind),
@@ -606,7 +611,7 @@ def _kind_text(runs: list[dict]) -> str:
 
 def _count_text(runs: list[dict]) -> str:
     """The card's words on the count-hard scenes, for the runs that had them."""
-    hard = [(i, r["count_hard"]) for i, r in enumerate(runs, 1) if r.get("count_hard")]
+    hard = _runs_with(runs, "count_hard")
     if not hard:
         return ""
     return COUNT_TEXT.format(

@@ -34,6 +34,10 @@ def _stdout(cmd: list[str], cwd: Path) -> str:
     return _run(cmd, cwd).stdout
 
 
+def _commit(repo: Path, message: str, *args: str) -> None:
+    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, *args], repo)
+
+
 def _ran(log: str) -> set[str]:
     """Stages DVC executed (or restored from its run cache) in a repro/exp run log."""
     return set(re.findall(r"Running stage '(\w+)'", log)) | set(
@@ -61,9 +65,9 @@ def project(tmp_path_factory, export_8da4w) -> Path:
     for cmd in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"],
     ):
         _sh(cmd, dst)
+    _commit(dst, "snapshot")
     (dst / "outputs").mkdir()
     for path in export_8da4w.iterdir():
         if path.name not in ("logs", "metrics"):  # not DVC outputs
@@ -112,10 +116,7 @@ def test_push_then_pull_into_another_clone_reruns_nothing(project, tmp_path):
     fresh clone pulls them instead of re-running (on another ISA the lock's two float outputs
     may differ from the committed one, see above, so the lock the workspace has is committed)."""
     _sh(["dvc", "commit", "--force"], project)
-    _sh(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", "--allow-empty", "dvc.lock"],
-        project,
-    )
+    _commit(project, "lock", "--allow-empty", "dvc.lock")
     remote = tmp_path / "remote"
     _sh(["dvc", "remote", "add", "-d", "team", str(remote)], project)
     _sh(["dvc", "push"], project)

@@ -51,7 +51,7 @@ def test_default_export_stays_close_to_fp32(export_8da4w, export_fp32):
     assert q["ref_accuracy"] == fp32["ref_accuracy"]  # one reference serves every export
     for qtype in TYPES:
         assert q["accuracy"][qtype] >= q["ref_accuracy"][qtype] - 0.05, (qtype, q)
-    # Measured on the committed model: top-1 1.000, agreement 1.000 (159 questions).
+    # Measured on the committed model: top-1 0.998, agreement 0.994 (159 questions).
     assert q["top1"] >= 0.98 and q["agreement"] >= 0.95
     assert 0 < q["kl"] < 0.1
     assert q["size_mb"]["text_decoder"] < fp32["size_mb"]["text_decoder"] / 3

@@ -43,7 +43,7 @@ def test_int8_weights_take_about_twice_the_bytes_of_int4():
 
 @pytest.mark.slow
 def test_8da8w_pipeline_passes_the_verifier(export_int8, export_8da4w):
-    """quantize -> emit with an int8 decoder: every decoder linear delegated, emit's verifier
+    """The pipeline with an int8 decoder: every decoder linear delegated, emit's verifier
     passes (it ran in emit; run again here through its CLI path), and the decoder holds about
     half a byte per weight more than the default's int4 in groups of 32."""
     from llava_pipeline.files import read_json
