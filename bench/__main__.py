@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llava_pipeline.machine import machine
+from llava_pipeline.base.machine import machine
 
 from . import export_cost, report
 from . import runtime as rt
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 None,
             )
-        from llava_pipeline.model_io import load_args  # torch and transformers: only for the extrapolation
+        from llava_pipeline.export.model_io import load_args  # torch and transformers: only for the extrapolation
 
         text = load_args(work / f"{model}-8da4w" / "outputs" / "source_transform").text
         export["extrapolation"][model] = extrapolate(

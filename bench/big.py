@@ -2,7 +2,7 @@
 
 The checkpoint is made locally, not downloaded (docs/bench.md says why): LLaVA-1.5-7B's exact
 architecture (CLIP ViT-L/14-336, 24 layers; Llama-2-7B text, 32 layers, vocab 32064) with
-random bf16 weights, in HF format with sharded safetensors (llava_pipeline.synthetic), in
+random bf16 weights, in HF format with sharded safetensors (llava_pipeline.model.synthetic), in
 outputs/bench/llava-1.5-7b-random/ (outside every DVC output: nothing caches a second copy).
 It then goes through the normal stages, in a scratch project whose params are the
 `llava-1.5-7b` preset with `model.source` pointing at that folder, exactly as a user
@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from llava_pipeline.checkpoint_files import INDEX_FILE
-from llava_pipeline.files import write_json
+from llava_pipeline.base.files import write_json
+from llava_pipeline.model.checkpoint_files import INDEX_FILE
 
 from . import export_cost, report
 from . import runtime as rt
@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (ckpt / INDEX_FILE).is_file():
         import torch
 
-        from llava_pipeline.synthetic import llava_7b_config, write_checkpoint  # torch, transformers: only to write it
+        from llava_pipeline.model.synthetic import (  # torch, transformers: only to write it
+            llava_7b_config,
+            write_checkpoint,
+        )
 
         log(f"writing the random bf16 checkpoint to {ckpt}")
         partial = ckpt.with_name(ckpt.name + ".partial")

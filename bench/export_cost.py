@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from llava_pipeline.params import compose, dump
-from llava_pipeline.ptesize import method_bytes
-from llava_pipeline.stage import EXPORT_STAGES
+from llava_pipeline.base.params import compose, dump
+from llava_pipeline.formats.ptesize import method_bytes
+from llava_pipeline.pipeline.stage import EXPORT_STAGES
 
 from . import ROOT
 

@@ -8,7 +8,7 @@ the engine's libraries are not the model's footprint.
 Child protocol: `python -m bench.measure MODULE:FUNC JSON_KWARGS
 [PREIMPORT ...]` imports PREIMPORTs, records the baseline, calls FUNC(**kwargs)
 (which returns a JSON-able dict) and prints one JSON line prefixed by RESULT_TAG. Peak RSS
-is llava_pipeline.rss's (VmHWM, reset after the baseline). The child imports this
+is llava_pipeline.base.rss's (VmHWM, reset after the baseline). The child imports this
 checkout's bench/ and llava_pipeline/ (the project root goes first on its PYTHONPATH).
 """
 
@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-from llava_pipeline import rss
+from llava_pipeline.base import rss
 
 from . import ROOT
 

@@ -15,7 +15,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from llava_pipeline.runner import load_runtime_kernels
+from llava_pipeline.runtime.runner import load_runtime_kernels
 
 
 def profile(pte: Path, prefill: int = 600, steps: int = 16, threads: int = 2) -> dict:

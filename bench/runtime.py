@@ -110,15 +110,15 @@ _ET_PREIMPORT = (
     "torch",
     "executorch.extension.llm.runner",
     "executorch.extension.pybindings.portable_lib",
-    "llava_pipeline.runner",
-    "llava_pipeline.chat",
+    "llava_pipeline.runtime.runner",
+    "llava_pipeline.runtime.chat",
 )
 _HF_PREIMPORT = (
     "torch",
     "transformers",
     "transformers.models.llava.modeling_llava",
     "PIL.Image",
-    "llava_pipeline.image",
+    "llava_pipeline.formats.image",
 )
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llava_pipeline import rss
+from llava_pipeline.base import rss
 
 from . import measure
 from .pte_bytes import hf_text_bytes
@@ -106,10 +106,10 @@ def executorch_runner_case(
 ) -> dict:
     """The MultimodalRunner, timed as ``python -m llava_pipeline.run`` times it."""
     # Imported in the case, not at the top: see the module docstring.
-    from llava_pipeline.chat import Chat
-    from llava_pipeline.image import load_pixels
-    from llava_pipeline.runner import Runner, load_runtime_kernels, native_output_captured
-    from llava_pipeline.tokenizer import runner_prompt_token_segments
+    from llava_pipeline.formats.image import load_pixels
+    from llava_pipeline.formats.tokenizer import runner_prompt_token_segments
+    from llava_pipeline.runtime.chat import Chat
+    from llava_pipeline.runtime.runner import Runner, load_runtime_kernels, native_output_captured
 
     with native_output_captured():
         load_runtime_kernels()
@@ -156,9 +156,9 @@ def executorch_methods_case(pte: str, image: str, decode_tokens: int, threads: i
     """vision_encoder and text_decoder alone through executorch.runtime (same .pte)."""
     import torch
 
-    from llava_pipeline.image import load_pixels  # in the case: see executorch_runner_case
-    from llava_pipeline.program_meta import read_program_meta
-    from llava_pipeline.runner import load_runtime_kernels, native_output_captured
+    from llava_pipeline.formats.image import load_pixels  # in the case: see executorch_runner_case
+    from llava_pipeline.formats.program_meta import read_program_meta
+    from llava_pipeline.runtime.runner import load_runtime_kernels, native_output_captured
 
     with native_output_captured():
         load_runtime_kernels()
@@ -230,8 +230,8 @@ def transformers_case(
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llava_pipeline.image import load_image
-    from llava_pipeline.tokenizer import IMAGE_TOKEN, LLAVA_PROMPT_TEMPLATE
+    from llava_pipeline.formats.image import load_image
+    from llava_pipeline.formats.tokenizer import IMAGE_TOKEN, LLAVA_PROMPT_TEMPLATE
 
     torch.set_num_threads(threads)
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])

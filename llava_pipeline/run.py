@@ -29,11 +29,11 @@ import os
 import sys
 from pathlib import Path
 
-from . import rss
-from .chat import Chat, Turn, first_prompt_ids
-from .program_meta import read_program_meta
-from .runner import Runner, load_runtime_kernels, native_output_captured
-from .vocabulary import Vocabulary
+from llava_pipeline.base import rss
+from llava_pipeline.formats.program_meta import read_program_meta
+from llava_pipeline.formats.vocabulary import Vocabulary
+from llava_pipeline.runtime.chat import Chat, Turn, first_prompt_ids
+from llava_pipeline.runtime.runner import Runner, load_runtime_kernels, native_output_captured
 
 
 class UsageError(Exception):
@@ -85,7 +85,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _load_pixels(path: Path, size: tuple[int, int]):
-    from . import image as image_mod  # torch, numpy and PIL: only once the flags are checked
+    from llava_pipeline.formats import image as image_mod
 
     try:
         return image_mod.load_pixels(path, size)

@@ -3,7 +3,7 @@ this CPU, before a whole export.
 
     python -m scripts.bench_schemes [--in 4096 --out 11008 --prefill 600 --repeats 5]
 
-For each scheme of quant.scheme / quant.group_size (see llava_pipeline/quantize.py) it quantizes
+For each scheme of quant.scheme / quant.group_size (see llava_pipeline/export/quantize.py) it quantizes
 one Linear(in, out) with torchao as the quantize stage does, lowers it with the text decoder's
 partitioners, and times the ExecuTorch method at M = `--prefill` tokens (prefill) and M = 1
 (decode): the median of `--repeats` runs after one warm-up, on the threads torch uses. The 7B's
@@ -22,10 +22,10 @@ import time
 import torch
 from torch import nn
 
-from llava_pipeline import export
-from llava_pipeline.config import QParams, QuantConfig, QuantScheme
-from llava_pipeline.machine import machine
-from llava_pipeline.quantize import weight_config
+from llava_pipeline.base.config import QParams, QuantConfig, QuantScheme
+from llava_pipeline.base.machine import machine
+from llava_pipeline.export import export
+from llava_pipeline.export.quantize import weight_config
 
 SCHEMES = (  # label, quant.scheme, quant.group_size
     ("int4, group 32 (8da4w)", "8da4w", 32),

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration
 
-from llava_pipeline import shapes
+from llava_pipeline.formats import shapes
 from scripts import train_builtin as tb
 
 A_ID, COMMA_ID, AND_ID = 263, 29892, 322  # "▁a", ",", "▁and" in the Llama-2 vocabulary

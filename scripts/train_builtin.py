@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from llava_pipeline import shapes
-from llava_pipeline.files import write_json
-from llava_pipeline.machine import isa_flags, machine
-from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL, write_processor_files
-from llava_pipeline.tiny import tiny_llava_config
+from llava_pipeline.base.files import write_json
+from llava_pipeline.base.machine import isa_flags, machine
+from llava_pipeline.formats import shapes
+from llava_pipeline.model.processor_files import TINY_TOKENIZER_MODEL, write_processor_files
+from llava_pipeline.model.tiny import tiny_llava_config
 
 IMAGE_ID, EOS_ID, PAD_ID = 32000, 2, 32001
 N_PATCH = 576
@@ -486,7 +486,7 @@ vocabulary plus `<image>` (32000) and `<pad>` (32001), model vocab 32064, untied
 {params:.2f} M parameters, of which {embed:.2f} M in the embedding and lm_head.
 
 ## Task and data
-Synthetic, generated on the fly by `llava_pipeline/shapes.py` (its docstring is the grammar): 336x336
+Synthetic, generated on the fly by `llava_pipeline/formats/shapes.py` (its docstring is the grammar): 336x336
 scenes on a light uniform background with 1-3 filled circles, squares and triangles in red, green,
 blue or yellow (each channel jittered by up to 20), boxes 56-100 px, 8 px apart and from the edges,
 centres 24 px apart in x; a quarter of the training scenes are drawn at 2-3x and scaled down as the

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llava_pipeline import download, stage
-from llava_pipeline.config import source_kind
-from llava_pipeline.processor_files import TINY_TOKENIZER_MODEL
+from llava_pipeline.base.config import source_kind
+from llava_pipeline.model.processor_files import TINY_TOKENIZER_MODEL
+from llava_pipeline.pipeline import download, stage
 
 
 def body(ctx: stage.StageContext) -> None:

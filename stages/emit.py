@@ -13,7 +13,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from llava_pipeline import checkpoint_files, errors, image, stage, tokenizer
+from llava_pipeline.base import errors
+from llava_pipeline.formats import image, tokenizer
+from llava_pipeline.model import checkpoint_files
+from llava_pipeline.pipeline import stage
 from llava_pipeline.verify import verify
 
 ARTIFACTS = ("llava.pte", "tokenizer.bin", "image.pt")

@@ -1,4 +1,4 @@
-"""Stage: score the emitted program against the transformers reference (llava_pipeline.evaluate).
+"""Stage: score the emitted program against the transformers reference (llava_pipeline.runtime.evaluate).
 
 metrics/quality.json          the deterministic quality metrics (a DVC metrics output, in git)
 outputs/evaluate/answers.json  per question: the right answer, the reference's and the .pte's
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from llava_pipeline import evalset, evaluate, files, stage
-from llava_pipeline.ptesize import method_bytes
+from llava_pipeline.base import files
+from llava_pipeline.formats.ptesize import method_bytes
+from llava_pipeline.pipeline import evalset, stage
+from llava_pipeline.runtime import evaluate
 
 QUALITY = Path("metrics") / "quality.json"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from llava_pipeline import export, files, model_io, stage
+from llava_pipeline.base import files
+from llava_pipeline.export import export, model_io
+from llava_pipeline.pipeline import stage
 
 
 def body(ctx: stage.StageContext) -> None:

@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from llava_pipeline import model_io, quantize, stage
+from llava_pipeline.export import model_io, quantize
+from llava_pipeline.pipeline import stage
 
 
 def body(ctx: stage.StageContext) -> None:

@@ -1,4 +1,4 @@
-"""Stage: the transformers reference answers of the eval set (llava_pipeline.reference).
+"""Stage: the transformers reference answers of the eval set (llava_pipeline.pipeline.reference).
 
 outputs/reference/reference.json  per question: greedy answer ids and text, log-probs
 outputs/reference/pixels.pt       the eval images as the uint8 pixels the .pte gets
@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from llava_pipeline import checkpoint_files, evalset, files, image, reference, stage
+from llava_pipeline.base import files
+from llava_pipeline.formats import image
+from llava_pipeline.model import checkpoint_files
+from llava_pipeline.pipeline import evalset, reference, stage
 
 # The config this stage reads, recorded in its manifest: dvc.yaml's params for it. Not the
 # floors (evaluate.min_*), which only the evaluate stage applies.
@@ -32,7 +35,7 @@ def body(ctx: stage.StageContext) -> None:
     ckpt = ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
     if e.set == "photos":
         for name in evalset.PHOTOS:
-            ctx.read(f"photo {name}", evalset.ASSETS / name)
+            ctx.read(f"photo {name}", evalset.PHOTO_DIR / name)
     elif e.set != "shapes":
         ctx.read("eval_set", Path(e.set))
     items, images = evalset.load(e.set, e.scenes, e.seed)

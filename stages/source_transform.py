@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from llava_pipeline import model_io, stage
+from llava_pipeline.export import model_io
+from llava_pipeline.pipeline import stage
 
 
 def body(ctx: stage.StageContext) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from llava_pipeline import export, files, stage
+from llava_pipeline.base import files
+from llava_pipeline.export import export
+from llava_pipeline.pipeline import stage
 
 
 def body(ctx: stage.StageContext) -> None:

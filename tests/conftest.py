@@ -12,7 +12,7 @@ import pytest
 import yaml
 from filelock import FileLock
 
-from llava_pipeline.stage import STAGES  # the DAG's stage order
+from llava_pipeline.pipeline.stage import STAGES  # the DAG's stage order
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +126,7 @@ def export_8da8w(export_int8) -> Path:
 def export_random(tmp_path_factory) -> Path:
     """The random-weight tiny model (model=tiny-random) exported fp32: its greedy answers run on
     without EOS, for the tests of long generations (context filling, byte pieces, many turns)."""
-    from llava_pipeline.params import compose
+    from llava_pipeline.base.params import compose
 
     def build(work: Path) -> None:
         make_workdir(work)

@@ -128,7 +128,7 @@ def test_report_files(tmp_path):
 
 @pytest.mark.slow
 def test_method_bytes_cover_the_program(export_8da4w):
-    from llava_pipeline.ptesize import method_bytes
+    from llava_pipeline.formats.ptesize import method_bytes
 
     pte = export_8da4w / "llava.pte"
     sizes = method_bytes(pte)

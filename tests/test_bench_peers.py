@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench.peers import PeersError, text_model, timing
-from llava_pipeline.tiny import tiny_llava_config
+from llava_pipeline.model.tiny import tiny_llava_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SP_MODEL = ROOT / "assets" / "tokenizer" / "llama2.model"

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from transformers import LlavaConfig
 
-from llava_pipeline import checkpoint_files, evalset, image, reference, shapes
-from llava_pipeline.download import BUILTIN_TINY, check_checkpoint
+from llava_pipeline.formats import image, shapes
+from llava_pipeline.model import checkpoint_files
+from llava_pipeline.pipeline import evalset, reference
+from llava_pipeline.pipeline.download import BUILTIN_TINY, check_checkpoint
 
 pytestmark = pytest.mark.slow  # transformers generates ~150 answers
 
@@ -84,7 +86,7 @@ def test_a_scene_drawn_larger_gets_the_same_answers():
 def test_sample_image_answers():
     """The sample scene that `make run` asks about: three shapes, a triangle on the left, each
     shape's colour, and the description in the task's grammar, word for word."""
-    picture = image.load_image(evalset.ASSETS / "shapes.png")
+    picture = image.load_image(evalset.PHOTO_DIR / "shapes.png")
     scene = shapes.sample_scene(random.Random(17), 3)
     assert np.array_equal(np.asarray(picture), np.asarray(shapes.render(scene)))
     assert shapes.describe(scene) == "a green triangle, a red square and a yellow circle"

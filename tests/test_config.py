@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_pipeline import config, params
-from llava_pipeline.quantize import check_group_size
+from llava_pipeline.base import config, params
+from llava_pipeline.export.quantize import check_group_size
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

@@ -13,10 +13,10 @@ import json
 import pytest
 import torch
 
-from llava_pipeline import image as image_mod
-from llava_pipeline import tokenizer as tok_mod
-from llava_pipeline.runner import Runner, image_input, text_input, token_input
-from llava_pipeline.vocabulary import Vocabulary
+from llava_pipeline.formats import image as image_mod
+from llava_pipeline.formats import tokenizer as tok_mod
+from llava_pipeline.formats.vocabulary import Vocabulary
+from llava_pipeline.runtime.runner import Runner, image_input, text_input, token_input
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def test_8da4w_top1_agreement(export_8da4w, export_fp32, record_property):
 
 def _eager_top1(quant_dir, pixels, before, after, new_ids) -> list[int]:
     """Teacher-forced argmax of the eager quantized model (this project's definition)."""
-    from llava_pipeline import model_io
+    from llava_pipeline.export import model_io
     from llava_pipeline.verify import numerics
 
     model, _, _ = model_io.load_quantized(quant_dir)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from llava_pipeline import export
-from llava_pipeline.methods import METHODS
+from llava_pipeline.base.methods import METHODS
+from llava_pipeline.export import export
 
 
 class _Net(nn.Module):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llava_pipeline import evaluate
-from llava_pipeline.errors import PipelineError
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.runtime import evaluate
 
 V = 8
 

@@ -104,7 +104,7 @@ def test_weights_damaged_after_quantize_fail_the_gate(export_fp32, tmp_path):
 
 
 def test_a_user_folder_eval_set(export_8da4w, tmp_path):
-    from llava_pipeline import shapes
+    from llava_pipeline.formats import shapes
 
     folder = tmp_path / "mine"
     folder.mkdir()

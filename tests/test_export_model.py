@@ -9,9 +9,9 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.export import Dim, export
 
-from llava_pipeline.convert import from_hf_model
-from llava_pipeline.source_transforms import apply_source_transforms, check_custom_ops
-from llava_pipeline.tiny import make_tiny_llava
+from llava_pipeline.model.convert import from_hf_model
+from llava_pipeline.model.source_transforms import apply_source_transforms, check_custom_ops
+from llava_pipeline.model.tiny import make_tiny_llava
 
 MAX_SEQ_LEN = 768
 CUSTOM = ["custom_kv_cache", "custom_sdpa"]

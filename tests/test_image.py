@@ -1,4 +1,4 @@
-"""llava_pipeline.image vs transformers' CLIPImageProcessor with LLaVA-1.5 settings.
+"""llava_pipeline.formats.image vs transformers' CLIPImageProcessor with LLaVA-1.5 settings.
 
 transformers 5.24 has no torchvision here, so CLIPImageProcessor falls back to its
 Pillow backend (CLIPImageProcessorPil); that is the processor compared against.
@@ -18,7 +18,7 @@ from transformers import CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.image_utils import load_image as hf_load_image
 
-from llava_pipeline.image import load_image, preprocess_to_uint8, preprocess_with_config, save_image_pt, to_rgb
+from llava_pipeline.formats.image import load_image, preprocess_to_uint8, preprocess_with_config, save_image_pt, to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 # llava-hf/llava-1.5-7b-hf's preprocessor_config.json

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from llava_pipeline.convert import from_hf_model
-from llava_pipeline.source_transforms import QuantizedKVCache, apply_source_transforms, check_custom_ops
-from llava_pipeline.tiny import make_tiny_llava
+from llava_pipeline.model.convert import from_hf_model
+from llava_pipeline.model.source_transforms import QuantizedKVCache, apply_source_transforms, check_custom_ops
+from llava_pipeline.model.tiny import make_tiny_llava
 
 FP32 = ["custom_kv_cache", "custom_sdpa"]
 INT8 = [*FP32, "quantized_kv_cache"]

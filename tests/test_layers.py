@@ -128,23 +128,26 @@ def describe(cycle: list[Path], graph) -> str:
 
 def test_the_graph_sees_top_level_and_function_local_imports():
     source = (
-        "import torch\nfrom . import measure\nfrom llava_pipeline.stage import run\n\n"
-        "def f():\n    from llava_pipeline.config import load\n"
+        "import torch\nfrom . import measure\nfrom llava_pipeline.pipeline.stage import run\n\n"
+        "def f():\n    from llava_pipeline.base.config import load\n"
     )
     assert _edges(BENCH / "x.py", source) == {
         BENCH / "__init__.py": ["line 2"],
         BENCH / "measure.py": ["line 2"],
-        PACKAGE / "stage.py": ["line 3"],
-        PACKAGE / "config.py": ["line 6, in a function"],
+        PACKAGE / "pipeline" / "stage.py": ["line 3"],
+        PACKAGE / "base" / "config.py": ["line 6, in a function"],
     }
-    assert _edges(PACKAGE / "verify" / "x.py", "from ..stage import run\nimport bench.measure\n") == {
-        PACKAGE / "stage.py": ["line 1"],
+    assert _edges(PACKAGE / "verify" / "x.py", "from ..pipeline.stage import run\nimport bench.measure\n") == {
+        PACKAGE / "pipeline" / "stage.py": ["line 1"],
         BENCH / "measure.py": ["line 2"],
     }
     graph = import_graph()
-    assert {BENCH / "runtime.py", BENCH / "peers" / "timing.py", STAGES / "evaluate.py", PACKAGE / "stage.py"} <= set(
-        graph
-    )
+    assert {
+        BENCH / "runtime.py",
+        BENCH / "peers" / "timing.py",
+        STAGES / "evaluate.py",
+        PACKAGE / "pipeline" / "stage.py",
+    } <= set(graph)
     assert cycles({Path("a"): {Path("b"): ["line 1"]}, Path("b"): {Path("a"): ["line 2, in a function"]}}) == [
         [Path("a"), Path("b"), Path("a")]
     ]
@@ -161,7 +164,7 @@ def test_the_package_import_graph_has_no_cycles():
 
 # Command-line entry points: the top of the graph, imported by no module of the package.
 ENTRY_POINTS = (
-    PACKAGE / "run.py",
+    *(PACKAGE / name for name in ("run.py", "sweep.py", "evaluate.py", "params.py", "test_pte.py")),
     PACKAGE / "verify" / "__main__.py",
     BENCH / "__main__.py",
     BENCH / "peers" / "__main__.py",
@@ -191,38 +194,28 @@ def test_the_library_and_the_stages_do_not_import_bench():
     assert not found, found
 
 
-# The package's layers, bottom first (README's Layout lists them the same way). A module may
-# import modules of its own layer or of the layers below it, never above.
-LAYERS = {
-    "base": ("__init__", "errors", "files", "rss", "machine", "methods", "config", "params"),
-    "formats": ("tokenizer", "vocabulary", "image", "runner_image", "ptesize", "program_meta", "shapes"),
-    "model": (
-        "model_args",
-        "model",
-        "tiny",
-        "checkpoint_files",
-        "processor_files",
-        "synthetic",
-        "convert",
-        "source_transforms",
-    ),
-    "export": ("quantize", "export", "model_io"),
-    "pipeline": ("stage", "download", "evalset", "reference"),
-    "runtime": ("runner", "chat", "evaluate", "llava_main", "sweep", "run"),
-    "verify": ("verify", "test_pte"),
-}
+# The package's layers, bottom first, one folder each (README's Layout lists them the same way).
+# A module may import modules of its own layer or of the layers below it, never above.
+LAYERS = ("base", "formats", "model", "export", "pipeline", "runtime", "verify")
+# The modules at the package's top level: the command-line entry points, above every layer.
+TOP = tuple(p.name for p in ENTRY_POINTS if p.parent == PACKAGE)
 
 
 def _layer_of(path: Path) -> int | None:
-    name = path.relative_to(PACKAGE).with_suffix("").parts[0]
-    return next((i for i, mods in enumerate(LAYERS.values()) if name in mods), None)
+    parts = path.relative_to(PACKAGE).parts
+    if parts == ("__init__.py",):  # the package docstring; imports nothing
+        return 0
+    if len(parts) == 1:
+        return len(LAYERS) if parts[0] in TOP else None
+    return LAYERS.index(parts[0]) if parts[0] in LAYERS and len(parts) == 2 else None
 
 
-def test_every_module_has_a_layer_and_imports_only_downwards():
+def test_every_module_sits_in_a_layer_folder_and_imports_only_downwards():
     graph = import_graph()
     modules = [p for p in graph if PACKAGE in p.parents]
-    assert not [_dotted(p) for p in modules if _layer_of(p) is None], "modules missing from LAYERS"
-    names = list(LAYERS)
+    assert not [_dotted(p) for p in modules if _layer_of(p) is None], f"modules outside {LAYERS} and {TOP}"
+    assert {p.relative_to(PACKAGE).parts[0] for p in modules} == set(LAYERS) | set(TOP) | {"__init__.py"}
+    names = [*LAYERS, "entry points"]
     upward = [
         f"{_dotted(a)} ({names[_layer_of(a)]}) imports {_dotted(b)} ({names[_layer_of(b)]}; {'; '.join(where)})"
         for a in modules
@@ -232,20 +225,27 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
     assert not upward, upward
 
 
-def test_the_readme_lists_the_layers_as_the_test_does():
+def test_the_readme_lists_the_layers_and_their_modules_as_the_tree_has_them():
     text = (ROOT / "README.md").read_text()
     block = text[text.index("\nllava_pipeline/ ") : text.index("\nbench/ ")]
     listed: dict[str, list[str]] = {}
-    layer = None
-    for line in block.splitlines()[1:]:
-        if line.startswith("  ["):
-            layer = line[3:].split(":")[0]
+    layer = "."
+    for line in block.splitlines()[2:]:
+        if len(line) - len(line.lstrip()) > 4:  # a description's continuation
+            continue
+        names = line.strip().split("   ")[0]
+        if line.startswith("    "):
+            listed[layer] += [n.removesuffix(",") for n in names.split()]
+        elif names.endswith("/"):
+            layer = names.removesuffix("/")
             listed[layer] = []
-        elif line.startswith("  ") and not line.startswith("   "):
-            assert layer is not None, line
-            listed[layer] += [
-                n.removesuffix(",").removesuffix(".py").removesuffix("/") for n in line.split("  ")[1].split()
-            ]
-    assert {k: sorted(v) for k, v in listed.items()} == {
-        k: sorted(m for m in v if m != "__init__") for k, v in LAYERS.items()
+        else:
+            layer = "."
+            listed.setdefault(layer, []).extend(n.removesuffix(",") for n in names.split())
+    on_disk = {
+        folder: sorted(p.name for p in (PACKAGE / folder).glob("*.py") if p.name != "__init__.py")
+        for folder in [*LAYERS, "."]
     }
+    assert list(listed) == [*LAYERS, "."], "README's layers are not LAYERS, bottom first"
+    assert {k: sorted(v) for k, v in listed.items()} == on_disk
+    assert on_disk["."] == sorted(TOP)

@@ -4,7 +4,7 @@ examples/models/llava/main.cpp: the file decoded with its own channel count, the
 resized to 336 (the other `int(edge * 336 / longest)`), planar uint8; the MultimodalRunner gets
 [text(preset system prompt ending "USER: "), image, text(--prompt)] with `echo = true`.
 Here: the same call sequence through the Python binding, Pillow standing in for stb
-(llava_pipeline/llava_main.py: `llava_main_pixels`, BICUBIC for stbir_resize_uint8). The greedy
+(llava_pipeline/runtime/llava_main.py: `llava_main_pixels`, BICUBIC for stbir_resize_uint8). The greedy
 answer of an fp32 export must be transformers' own greedy answer, token for token, on the
 pixels the encoder pads to (Pillow computes them independently of the graph); the 8da4w export
 reports its agreement with it.
@@ -25,10 +25,11 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_pipeline import llava_main, runner_image, shapes
-from llava_pipeline.llava_main import PRESET
-from llava_pipeline.runner import image_input, load_runtime_kernels
-from llava_pipeline.vocabulary import Vocabulary
+from llava_pipeline.formats import runner_image, shapes
+from llava_pipeline.formats.vocabulary import Vocabulary
+from llava_pipeline.runtime import llava_main
+from llava_pipeline.runtime.llava_main import PRESET
+from llava_pipeline.runtime.runner import image_input, load_runtime_kernels
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ class Export:
     def __init__(self, outputs: Path):
         from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
-        from llava_pipeline.program_meta import read_program_meta
+        from llava_pipeline.formats.program_meta import read_program_meta
 
         self.outputs = outputs
         self.vocab = Vocabulary(outputs / "tokenizer.bin")

@@ -10,13 +10,13 @@ import torch
 from transformers import CLIPImageProcessorPil
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from llava_pipeline import model_io
-from llava_pipeline.convert import from_hf_model, renamed
-from llava_pipeline.errors import PipelineError
-from llava_pipeline.model import apply_rotary
-from llava_pipeline.model_args import ModelArgs, model_args_from_hf_config
-from llava_pipeline.source_transforms import apply_source_transforms, check_custom_ops
-from llava_pipeline.tiny import make_tiny_llava, tiny_llava_config
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.export import model_io
+from llava_pipeline.model.convert import from_hf_model, renamed
+from llava_pipeline.model.model import apply_rotary
+from llava_pipeline.model.model_args import ModelArgs, model_args_from_hf_config
+from llava_pipeline.model.source_transforms import apply_source_transforms, check_custom_ops
+from llava_pipeline.model.tiny import make_tiny_llava, tiny_llava_config
 
 MAX_SEQ_LEN = 768
 # Logits have std ~9 in the tiny model, so fp32 reordering shows up as ~1e-5 absolute.

@@ -2,7 +2,7 @@
 
 - UTF-8: the binding raises UnicodeDecodeError from its token callback on a piece that
   is not UTF-8 on its own (a byte-fallback piece <0x80>..<0xFF>), which aborts the
-  C++ generation. `Runner.generate` resumes it (see llava_pipeline/runner.py). Unit
+  C++ generation. `Runner.generate` resumes it (see llava_pipeline/runtime/runner.py). Unit
   tests drive that logic with a fake binding that behaves as the real one was seen to;
   end to end, the tiny model never emits such a piece (its lm_head suppresses ids
   131..258), so a copy of the tokenizer with some pieces swapped makes the very tokens
@@ -25,11 +25,11 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from llava_pipeline import shapes
-from llava_pipeline import tokenizer as tok_mod
-from llava_pipeline.program_meta import ProgramMeta
-from llava_pipeline.runner import Generation, Runner, token_input
-from llava_pipeline.vocabulary import Utf8Stream, Vocabulary
+from llava_pipeline.formats import shapes
+from llava_pipeline.formats import tokenizer as tok_mod
+from llava_pipeline.formats.program_meta import ProgramMeta
+from llava_pipeline.formats.vocabulary import Utf8Stream, Vocabulary
+from llava_pipeline.runtime.runner import Generation, Runner, token_input
 
 from .conftest import ROOT
 
@@ -581,8 +581,8 @@ def test_binding_raises_on_a_lone_byte_piece(export_random, photos, hf_reference
     raises UnicodeDecodeError out of generate(), carrying the bytes, and the runner stays usable."""
     from executorch.extension.llm.runner import GenerationConfig
 
-    from llava_pipeline.image import load_pixels
-    from llava_pipeline.runner import image_input, native_output_captured
+    from llava_pipeline.formats.image import load_pixels
+    from llava_pipeline.runtime.runner import image_input, native_output_captured
 
     hf_new, prompt_ids = hf_reference
     tokenizer = _byte_fallback_tokenizer(export_random, tmp_path, hf_new, prompt_ids)

@@ -1,4 +1,4 @@
-"""The vision encoder's input contract (llava_pipeline/runner_image.py), without a model export:
+"""The vision encoder's input contract (llava_pipeline/formats/runner_image.py), without a model export:
 the in-graph channel mapping and padding against Pillow, eagerly, after torch.export, and in
 the ExecuTorch runtime; and llava_main's loading stand-in."""
 
@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN
 
-from llava_pipeline import llava_main
-from llava_pipeline import runner_image as ri
+from llava_pipeline.formats import runner_image as ri
+from llava_pipeline.runtime import llava_main
 
 SIZE = 336
 FILL = ri.pad_color(OPENAI_CLIP_MEAN)

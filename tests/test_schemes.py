@@ -46,8 +46,8 @@ def test_8da8w_pipeline_passes_the_verifier(export_int8, export_8da4w):
     """The pipeline with an int8 decoder: every decoder linear delegated, emit's verifier
     passes (it ran in emit; run again here through its CLI path), and the decoder holds about
     half a byte per weight more than the default's int4 in groups of 32."""
-    from llava_pipeline.files import read_json
-    from llava_pipeline.ptesize import method_bytes
+    from llava_pipeline.base.files import read_json
+    from llava_pipeline.formats.ptesize import method_bytes
     from llava_pipeline.verify import verify
 
     out = export_int8

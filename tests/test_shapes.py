@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from llava_pipeline import shapes
+from llava_pipeline.formats import shapes
 
 
 def _scenes(n=300, seed=0):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_pipeline import stage
+from llava_pipeline.pipeline import stage
 
 from .conftest import ROOT, make_workdir, run_stage
 

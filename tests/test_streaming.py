@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
-from llava_pipeline import model_io, quantize, synthetic
-from llava_pipeline.config import QuantConfig
-from llava_pipeline.convert import from_hf_model
-from llava_pipeline.errors import PipelineError
-from llava_pipeline.model import load_units
-from llava_pipeline.source_transforms import apply_source_transforms
-from llava_pipeline.tiny import tiny_llava_config
+from llava_pipeline.base.config import QuantConfig
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.export import model_io, quantize
+from llava_pipeline.model import synthetic
+from llava_pipeline.model.convert import from_hf_model
+from llava_pipeline.model.model import load_units
+from llava_pipeline.model.source_transforms import apply_source_transforms
+from llava_pipeline.model.tiny import tiny_llava_config
 
 MAX_SEQ_LEN = 640
 

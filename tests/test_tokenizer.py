@@ -1,6 +1,6 @@
 """Tokenizer files: llama2c tokenizer.bin (ExecuTorch runner) vs SentencePiece vs HF.
 
-Known, asserted differences (see llava_pipeline/tokenizer.py's docstring):
+Known, asserted differences (see llava_pipeline/formats/tokenizer.py's docstring):
 llama2c cannot encode empty text and treats a literal "▁" as a character;
 transformers 5's Metaspace gives no dummy prefix to text starting with a space;
 HF splits special-token text out of a string.
@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_tokenizers import CppLlama2cTokenizer
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from llava_pipeline import tokenizer as T
+from llava_pipeline.formats import tokenizer as T
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "assets/tokenizer/llama2.model"

@@ -194,7 +194,7 @@ def test_tampered_decoder_weights_fail(export_fp32, tmp_path, capsys):
     from safetensors.torch import load_file
 
     pte = _copy_export(export_fp32, tmp_path)
-    from llava_pipeline.model_io import weight_files
+    from llava_pipeline.export.model_io import weight_files
 
     files = weight_files(export_fp32 / "source_transform")
     weights = load_file(str(files["text_decoder.output.weight"]))
@@ -217,7 +217,7 @@ def test_tampered_decoder_weights_fail(export_fp32, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tokenizer_with_another_vocab_fails(export_fp32, tmp_path):
-    from llava_pipeline.tokenizer import write_tokenizer_bin
+    from llava_pipeline.formats.tokenizer import write_tokenizer_bin
 
     tok = tmp_path / "tokenizer.bin"
     write_tokenizer_bin(export_fp32 / "download" / "tokenizer.model", tok, 32000, {})

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from llava_pipeline import export, quantize
-from llava_pipeline.config import ConfigError, QuantConfig, from_dict, validate
-from llava_pipeline.convert import from_hf_model
-from llava_pipeline.tiny import make_tiny_llava
+from llava_pipeline.base.config import ConfigError, QuantConfig, from_dict, validate
+from llava_pipeline.export import export, quantize
+from llava_pipeline.model.convert import from_hf_model
+from llava_pipeline.model.tiny import make_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def test_vision_8da8w_pipeline_passes_the_verifier(export_int8, export_8da4w, fp
     """The whole pipeline with quant.vision=8da8w (and the int8 decoder and cache): every vision linear
     lowered to XNNPACK with its activation quantization, emit's verifier passes, and the vision
     method sheds 3 of the 4 bytes of every linear weight (less one fp32 scale per output channel)."""
-    from llava_pipeline.files import read_json
-    from llava_pipeline.ptesize import method_bytes
+    from llava_pipeline.base.files import read_json
+    from llava_pipeline.formats.ptesize import method_bytes
     from llava_pipeline.verify import verify
 
     out = export_int8

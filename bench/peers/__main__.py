@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from llava_pipeline.files import write_json
+from llava_pipeline.base.files import write_json
 
 from ..host import machine_busy
 from ..measure import isolated

@@ -9,8 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from llava_pipeline.checkpoint_files import safetensors_files, split_key
-from llava_pipeline.errors import PipelineError
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.model.checkpoint_files import safetensors_files, split_key
 
 from . import PeersError
 

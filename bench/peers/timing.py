@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from llava_pipeline import rss
+from llava_pipeline.base import rss
 
 
 def quantize_gguf(src: str, dst: str, ftype: int, threads: int) -> dict:

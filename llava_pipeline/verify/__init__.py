@@ -19,7 +19,7 @@ the CLI is __main__.py. Exit status: 0 every row passes, 1 some row fails, 2 not
 verified (VerifyError: missing or unloadable .pte, missing manifest or model).
 """
 
-from .report import Report, Row, VerifyError
-from .verifier import verify
+from llava_pipeline.verify.report import Report, Row, VerifyError
+from llava_pipeline.verify.verifier import verify
 
 __all__ = ["Report", "Row", "VerifyError", "verify"]

@@ -18,8 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
-from ..errors import PipelineError
-from .verifier import verify
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.verify.verifier import verify
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

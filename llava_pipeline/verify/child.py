@@ -18,9 +18,9 @@ import tempfile
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ..methods import METHODS
-from ..runner import load_kernels
-from .report import VerifyError
+from llava_pipeline.base.methods import METHODS
+from llava_pipeline.runtime.runner import load_kernels
+from llava_pipeline.verify.report import VerifyError
 
 # ExecuTorch ScalarType codes that method_meta reports.
 DTYPES = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 11: "bool", 15: "bfloat16"}

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..methods import MAX_SEQ_LEN, REQUIRED
-from .report import Report
+from llava_pipeline.base.methods import MAX_SEQ_LEN, REQUIRED
+from llava_pipeline.verify.report import Report
 
 OPTIONAL = ("get_max_context_len", "get_eos_ids")
 
@@ -69,7 +69,7 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
         elif name in OPTIONAL:
             report.warn(name, "value", "absent (runner uses its default)", text)
 
-    from ..runner_image import MAX_CHANNELS  # imports torch, which this module's top level does not
+    from llava_pipeline.formats.runner_image import MAX_CHANNELS
 
     v, t = args.vision, args.text
     n_img, d, vocab = v.num_image_tokens, t.hidden_size, t.vocab_size

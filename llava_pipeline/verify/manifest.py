@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import read_json, sha256_file
-from .report import Report, VerifyError
+from llava_pipeline.base.files import read_json, sha256_file
+from llava_pipeline.verify.report import Report, VerifyError
 
 # (downstream stage, key path of its recorded input, upstream stage, what of upstream it names)
 LINKS = (

@@ -43,16 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .. import tokenizer as tok_mod
-from .child import Program
-from .contract import spec_str
-from .report import Report, fmt
+from llava_pipeline.formats import tokenizer as tok_mod
+from llava_pipeline.verify.child import Program
+from llava_pipeline.verify.contract import spec_str
+from llava_pipeline.verify.report import Report, fmt
 
 if TYPE_CHECKING:  # torch and the model are imported where used: the CLI's errors come fast
     import torch
 
-    from ..model import LlavaModel
-    from ..model_args import ModelArgs
+    from llava_pipeline.model.model import LlavaModel
+    from llava_pipeline.model.model_args import ModelArgs
 
 QUESTION = "What is shown in this picture?"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PipelineError
+from llava_pipeline.base.errors import PipelineError
 
 
 class VerifyError(PipelineError):

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..methods import METHODS
-from ..runner import load_kernels, native_output_captured
-from .child import Program
-from .contract import check_contract, check_tokenizer
-from .manifest import check_provenance
-from .numerics import (
+from llava_pipeline.base.methods import METHODS
+from llava_pipeline.runtime.runner import load_kernels, native_output_captured
+from llava_pipeline.verify.child import Program
+from llava_pipeline.verify.contract import check_contract, check_tokenizer
+from llava_pipeline.verify.manifest import check_provenance
+from llava_pipeline.verify.numerics import (
     KV_CACHE_LOGITS_REL,
     TOLERANCES,
     VISION_TOLERANCES,
@@ -24,7 +24,7 @@ from .numerics import (
     load_image,
     prompt,
 )
-from .report import Report, VerifyError
+from llava_pipeline.verify.report import Report, VerifyError
 
 
 def verify(pte_path, tokenizer_path=None, outputs_dir=None, steps: int = 40, compare_fp32: bool = True) -> Report:
@@ -72,7 +72,7 @@ def _verify(pte: Path, tokenizer_path, outputs: Path, steps: int, compare_fp32: 
     )
     program = Program(pte)  # starts loading in the child while the eager models load here
     try:
-        from .. import model_io  # torch and transformers: not at this module's top level
+        from llava_pipeline.export import model_io
 
         load_kernels()  # the eager models call the custom LLM and quantized ops too
         try:

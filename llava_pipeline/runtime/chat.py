@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from . import tokenizer as tok_mod
-from .runner import image_input, token_input
+from llava_pipeline.formats import tokenizer as tok_mod
+from llava_pipeline.runtime.runner import image_input, token_input
 
 
 def first_prompt_ids(vocab, prompt: str, raw: bool = False) -> tuple[list[int], list[int]]:

@@ -11,9 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint_files import INDEX_FILE, read_json, safetensors_files
-from .errors import PipelineError
-from .processor_files import ASSETS, write_processor_files
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.model.checkpoint_files import INDEX_FILE, read_json, safetensors_files
+from llava_pipeline.model.processor_files import ASSETS, write_processor_files
 
 # Files a LLaVA-1.5 checkpoint folder is made of (weights may be sharded).
 CHECKPOINT_PATTERNS = (
@@ -63,16 +63,16 @@ def write_builtin(
 
     builtin:tiny: the small checkpoint trained on the shapes task, committed in
     assets/models/tiny (scripts/train_builtin.py made it; `seed` and the depths do not apply).
-    builtin:tiny-random: seeded random weights of tiny widths, fp32 (llava_pipeline.tiny), whose
+    builtin:tiny-random: seeded random weights of tiny widths, fp32 (llava_pipeline.model.tiny), whose
     greedy answers run on without EOS: for tests of the runner's long-generation mechanics.
     builtin:llava-7b-shape: random weights with LLaVA-1.5-7B's widths, bf16 shards
-    (llava_pipeline.synthetic); default depth 2 text + 3 vision layers (of which 2 run)."""
+    (llava_pipeline.model.synthetic); default depth 2 text + 3 vision layers (of which 2 run)."""
     if source == "builtin:tiny":
         copy_local(BUILTIN_TINY, out, link=False)
     elif source == "builtin:tiny-random":
         from transformers import CLIPVisionConfig, LlamaConfig
 
-        from .tiny import make_tiny_llava, tiny_llava_config  # torch, transformers: random built-ins only
+        from llava_pipeline.model.tiny import make_tiny_llava, tiny_llava_config
 
         config = tiny_llava_config()
         text_config, vision_config = config.text_config, config.vision_config
@@ -87,7 +87,7 @@ def write_builtin(
     elif source == "builtin:llava-7b-shape":
         import torch
 
-        from .synthetic import llava_7b_config, write_checkpoint  # as above
+        from llava_pipeline.model.synthetic import llava_7b_config, write_checkpoint
 
         write_checkpoint(out, llava_7b_config(text_layers or 2, vision_layers or 3), seed, torch.bfloat16)
     else:

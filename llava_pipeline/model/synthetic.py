@@ -1,14 +1,14 @@
 """Random-weight LLaVA-1.5 checkpoints of any size, written tensor by tensor.
 
 `builtin:llava-7b-shape` (LLaVA-1.5-7B's widths, few layers) and the full-size
-stand-in for the real 7B export (`python -m llava_pipeline.synthetic --out DIR`)
+stand-in for the real 7B export (`python -m llava_pipeline.model.synthetic --out DIR`)
 are produced here in HF format (config.json, sharded safetensors with an index,
 tokenizer, image processor), so that the pipeline reads them exactly as it reads
 llava-hf/llava-1.5-7b-hf. Nothing is ever materialized as a whole model: each
 tensor is drawn from its own generator (seeded by the model seed and the tensor's
 name, so the bytes do not depend on shard size or order), cast to the storage
 dtype and written; peak memory is one shard. The init rules are the tiny model's
-(llava_pipeline.tiny): unit-gain linears, so activations keep their scale at any
+(llava_pipeline.model.tiny): unit-gain linears, so activations keep their scale at any
 width and depth.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import SHARD_BYTES, ShardWriter
-from .processor_files import write_processor_files
-from .tiny import init_, shape_lm_head, tiny_llava_config
+from llava_pipeline.model.checkpoint_files import SHARD_BYTES, ShardWriter
+from llava_pipeline.model.processor_files import write_processor_files
+from llava_pipeline.model.tiny import init_, shape_lm_head, tiny_llava_config
 
 # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf config.json).
 FULL_TEXT_LAYERS = 32

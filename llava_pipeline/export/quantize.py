@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from .config import QPARAMS, ConfigError, QuantConfig
+from llava_pipeline.base.config import QPARAMS, ConfigError, QuantConfig
 
 XNNPACK_GROUP_MULTIPLE = 32
 

@@ -84,7 +84,7 @@ def tiny_llava_config(
 
 def init_(name: str, p: torch.Tensor, g: torch.Generator) -> None:
     """Fill one parameter, by its HF state-dict name, in place from `g` (see the module
-    docstring for why these scales); llava_pipeline.synthetic uses the same rules."""
+    docstring for why these scales); llava_pipeline.model.synthetic uses the same rules."""
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float32)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .tokenizer import LLAVA_PROMPT_TEMPLATE
+from llava_pipeline.formats.tokenizer import LLAVA_PROMPT_TEMPLATE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DIGITS = 5

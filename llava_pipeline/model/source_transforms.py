@@ -22,7 +22,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 from torch import nn
 
-from llava_pipeline.model import SDPA, KVCache
+from llava_pipeline.model.model import SDPA, KVCache
 
 
 def load_custom_ops() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
-from llava_pipeline.methods import MAX_SEQ_LEN, METHODS
-from llava_pipeline.runner_image import MAX_CHANNELS
+from llava_pipeline.base.methods import MAX_SEQ_LEN, METHODS
+from llava_pipeline.formats.runner_image import MAX_CHANNELS
 
 
 def register_ops() -> None:

@@ -24,9 +24,9 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from llava_pipeline.checkpoint_files import split_key
-from llava_pipeline.model import LlavaModel
-from llava_pipeline.model_args import ModelArgs, model_args_from_hf_config
+from llava_pipeline.model.checkpoint_files import split_key
+from llava_pipeline.model.model import LlavaModel
+from llava_pipeline.model.model_args import ModelArgs, model_args_from_hf_config
 
 # Component -> the prefix used when naming a missing key (the hub checkpoint's spelling).
 _HUB_PREFIX = {

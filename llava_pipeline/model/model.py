@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_pipeline.model_args import ModelArgs, TextArgs, VisionArgs
-from llava_pipeline.runner_image import RunnerImage, check_image, pad_color
+from llava_pipeline.formats.runner_image import RunnerImage, check_image, pad_color
+from llava_pipeline.model.model_args import ModelArgs, TextArgs, VisionArgs
 
 # ---------------------------------------------------------------------------------------------
 # Vision: CLIP ViT up to the feature layer, then the projector

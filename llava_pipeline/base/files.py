@@ -6,7 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import PipelineError
+from llava_pipeline.base.errors import PipelineError
+
+# The checkout's assets/ (vocabulary, built-in model, photographs): the package runs from its
+# checkout (pip install -e), two folders up from this file.
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -9,8 +9,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import files
-from .errors import PipelineError
+from llava_pipeline.base import files
+from llava_pipeline.base.errors import PipelineError
 
 if TYPE_CHECKING:  # torch is heavy; nothing here needs it at run time
     from torch import Tensor

@@ -3,7 +3,7 @@
 Three kinds, chosen by `evaluate.set`:
 
 - ``shapes``: `evaluate.scenes` seeded scenes of the built-in model's task
-  (llava_pipeline.shapes), one question of each type per scene, with right answers;
+  (llava_pipeline.formats.shapes), one question of each type per scene, with right answers;
 - ``photos``: the photographs shipped in assets/images/ x a few general questions, no
   right answers (the export is scored against the transformers reference only);
 - a folder: its ``questions.jsonl`` has one JSON object per line, ``{"image": "cat.jpg",
@@ -23,11 +23,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import image as image_mod
-from . import shapes
-from .errors import PipelineError
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.base.files import ASSETS
+from llava_pipeline.formats import image as image_mod
+from llava_pipeline.formats import shapes
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "images"
+PHOTO_DIR = ASSETS / "images"
 PHOTOS = ("coffee.jpg", "chelsea.jpg", "astronaut.jpg")
 PHOTO_QUESTIONS = ("What is shown in this picture?", "Describe the picture.", "What colors do you see?")
 
@@ -45,7 +46,7 @@ def load(set_name: str, scenes: int = 40, seed: int = 0) -> tuple[list[EvalItem]
     if set_name == "shapes":
         return _shapes(scenes, seed)
     if set_name == "photos":
-        images = {name: image_mod.load_image(ASSETS / name) for name in PHOTOS}
+        images = {name: image_mod.load_image(PHOTO_DIR / name) for name in PHOTOS}
         items = [EvalItem(name, "question", q, None) for name in PHOTOS for q in PHOTO_QUESTIONS]
         return items, images
     return _folder(Path(set_name))

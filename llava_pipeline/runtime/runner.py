@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .program_meta import ProgramMeta, read_program_meta
-from .vocabulary import Utf8Stream, Vocabulary
+from llava_pipeline.formats.program_meta import ProgramMeta, read_program_meta
+from llava_pipeline.formats.vocabulary import Utf8Stream, Vocabulary
 
 
 def load_kernels() -> None:
@@ -92,7 +92,7 @@ def image_input(pixels, max_side: int | None = None):
     inside generate() with a bare "Generation failed"). Raises ValueError naming the fault."""
     from executorch.extension.llm.runner import Image, MultimodalInput, make_image_input
 
-    from llava_pipeline.runner_image import check_image  # imports torch, which this module's top level does not
+    from llava_pipeline.formats.runner_image import check_image  # imports torch, which this module's top level does not
 
     check_image(pixels, max_side)
     if pixels.dim() == 4:

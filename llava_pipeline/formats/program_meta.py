@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .methods import MAX_SEQ_LEN, REQUIRED
+from llava_pipeline.base.methods import MAX_SEQ_LEN, REQUIRED
 
 
 @dataclass(frozen=True)

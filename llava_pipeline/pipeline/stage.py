@@ -23,10 +23,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from . import config as config_mod
-from . import rss
-from .errors import PipelineError
-from .files import sha256_file, write_json
+from llava_pipeline.base import config as config_mod
+from llava_pipeline.base import rss
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.base.files import sha256_file, write_json
 
 OUTPUTS = Path("outputs")
 # The DAG in an order that runs it by hand (dvc.yaml declares the same edges): the export,

@@ -100,7 +100,7 @@ class EmitConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    # What the export is scored on (llava_pipeline.evalset): "shapes" (seeded scenes of the
+    # What the export is scored on (llava_pipeline.pipeline.evalset): "shapes" (seeded scenes of the
     # built-in model's task, with right answers), "photos" (the shipped photographs x general
     # questions), or a folder holding images and a questions.jsonl.
     set: str = "photos"

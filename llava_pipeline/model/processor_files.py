@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tokenizer import LLAVA_ADDED_TOKENS, make_hf_tokenizer, write_hf_tokenizer
+from llava_pipeline.base.files import ASSETS
+from llava_pipeline.formats.tokenizer import LLAVA_ADDED_TOKENS, make_hf_tokenizer, write_hf_tokenizer
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_TOKENIZER_MODEL = ASSETS / "tokenizer" / "llama2.model"
 
 

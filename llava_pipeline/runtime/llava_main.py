@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from llava_pipeline.image import to_rgb
+from llava_pipeline.formats.image import to_rgb
 
 PRESET = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives "

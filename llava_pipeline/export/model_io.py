@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from . import export
-from .checkpoint_files import INDEX_FILE, SHARD_BYTES, WEIGHTS_FILE, ShardWriter, safetensors_files
-from .config import ConfigError, QuantConfig
-from .convert import iter_safetensors, read_hf_config, renamed
-from .errors import PipelineError
-from .files import read_json
-from .model import LlavaModel, load_units
-from .model_args import ModelArgs
-from .quantize import decoder_linears, prepare_quantized_structure
-from .source_transforms import apply_source_transforms, check_custom_ops
+from llava_pipeline.base.config import ConfigError, QuantConfig
+from llava_pipeline.base.errors import PipelineError
+from llava_pipeline.base.files import read_json
+from llava_pipeline.export import export
+from llava_pipeline.export.quantize import decoder_linears, prepare_quantized_structure
+from llava_pipeline.model.checkpoint_files import INDEX_FILE, SHARD_BYTES, WEIGHTS_FILE, ShardWriter, safetensors_files
+from llava_pipeline.model.convert import iter_safetensors, read_hf_config, renamed
+from llava_pipeline.model.model import LlavaModel, load_units
+from llava_pipeline.model.model_args import ModelArgs
+from llava_pipeline.model.source_transforms import apply_source_transforms, check_custom_ops
 
 SOURCE_TRANSFORMS = ("custom_kv_cache", "custom_sdpa")  # export.kv_cache=fp32
 KV_CACHE_TRANSFORMS = {"fp32": SOURCE_TRANSFORMS, "int8": (*SOURCE_TRANSFORMS, "quantized_kv_cache")}
