@@ -4,7 +4,11 @@ Exports run stage by stage in scratch projects under outputs/bench/work/: the ti
 (8da4w) and, for the 7B-shape preset, quant.scheme=none (fp32), the preset's 8da4w and an
 8da4w export one text and one vision layer deeper (stopping at to_executorch), so that
 per-layer costs are measured, not assumed, and scaled to the real 32 text + 24 vision
-layers (`--kv8` adds the int8 KV cache variant, `--vision8` the int8 vision tower). Then the run-time side
+layers (`--kv8` adds the int8 KV cache variant, `--vision8` the int8 vision tower). The
+7B-shape preset is also exported in each other weight scheme (SCHEMES: int4 in groups of 32,
+int4 per channel, int8 per channel; `--no-schemes` leaves them out), each timed and profiled
+like the preset's own 8da4w, so that results.md names the fastest export of each size class
+on this CPU beside llama.cpp's nearest quantization. Then the run-time side
 (bench.runtime) times the 7B-shape .pte files in ExecuTorch's
 MultimodalRunner and transformers eager fp32/bf16 on the same weights, image and prompt,
 with the memory bandwidth measured in the same run. Writes outputs/bench/export.json and
@@ -25,8 +29,15 @@ from llava_pipeline.base.machine import machine
 from . import export_cost, report
 from . import runtime as rt
 from .measure import isolated
+from .schemes import size_class
 
 FULL_TEXT_LAYERS, FULL_VISION_LAYERS = 32, 24
+# The weight schemes exported beside the preset's own (8da4w, groups of 128): variant -> overrides.
+SCHEMES = {
+    "8da4w-g32": ["quant.group_size=32"],
+    "8da4w-pc": ["quant.group_size=0"],  # one scale per output channel
+    "8da8w": ["quant.scheme=8da8w", "quant.group_size=0"],
+}
 
 
 def _depth(params: dict) -> tuple[int, int]:
@@ -87,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also export and time the 8da4w model with quant.vision=8da8w (int8 vision tower)",
     )
+    ap.add_argument(
+        "--no-schemes",
+        action="store_true",
+        help=f"leave out the other weight schemes of the 7B-shape preset ({', '.join(SCHEMES)})",
+    )
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -134,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         p = export_cost.compose(export_cost.ROOT / "conf", [f"model={model}"])
         if p["model"]["text_layers"] is not None:  # built-in with a depth (the 7B-shape preset)
             t, v = _depth(p)
+            if timed and not args.no_schemes:
+                plans += [(variant, [f"model={model}", *extra], "fp32") for variant, extra in SCHEMES.items()]
             if args.kv8:
                 plans.append(("8da4w-kv8", [f"model={model}", "export.kv_cache=int8"], "fp32"))
             if args.vision8:
@@ -179,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt=args.prompt,
                 decode_tokens=args.decode_tokens,
                 repeats=args.repeats,
-                processes={v: args.processes for v in variants if v.startswith("8da4w")},
+                processes={v: args.processes for v in variants if size_class(v)},
             )
             for r in result["rows"]:
                 r["model"] = model
@@ -212,12 +230,16 @@ def main(argv: list[str] | None = None) -> int:
             text.num_kv_heads * text.head_dim,
             rss,
         )
-    if not args.skip_runtime:  # where the 8da4w decoder's time goes (ETDump), in its own process
-        for model in args.runtime_models.split(","):
-            pte = work / f"{model}-8da4w" / "outputs" / "llava.pte"
-            log(f"profile {model}/8da4w")
-            prof = isolated("bench.profile:profile", {"pte": str(pte)})
-            export.setdefault("profile", {})[f"{model}/8da4w"] = {k: prof[k] for k in ("prefill", "decode")}
+    if not args.skip_runtime:  # where each quantized decoder's time goes (ETDump), in its own process
+        for key in [k for k in runs if k.split("/")[0] in args.runtime_models.split(",")]:
+            model, variant = key.split("/")
+            if not size_class(variant) or variant.endswith("deeper"):
+                continue
+            log(f"profile {key}")
+            prof = isolated(
+                "bench.profile:profile", {"pte": str(work / f"{model}-{variant}" / "outputs" / "llava.pte")}
+            )
+            export.setdefault("profile", {})[key] = {k: prof[k] for k in ("prefill", "decode")}
     (out / "export.json").write_text(json.dumps(export, indent=2, sort_keys=True) + "\n")
     if runtime is not None:
         (out / "runtime.json").write_text(json.dumps(runtime, indent=2, sort_keys=True) + "\n")

@@ -2,7 +2,9 @@
 
 Inputs (whichever exist): export.json (`make bench`), runtime.json (`make bench`),
 peers.json (`make bench-peers`), 7b.json (`make bench-7b`). The targets the project
-holds itself to are checked here, against the 8da4w row of the 7B-shape preset.
+holds itself to are checked here, against the 8da4w row of the 7B-shape preset, and every
+quantized export of it is set beside llama.cpp's nearest quantization (`schemes`), naming the
+fastest of each size class.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from .markdown import fmt, table
+from .schemes import fastest, schemes, schemes_section
 
 MB = 1 << 20
 # (name, our metric, peer metric, how: "ge" ratio >= x | "le" ratio <= x, x)
@@ -32,20 +37,6 @@ def load(folder: Path) -> dict:
     return out
 
 
-def _fmt(v, nd=2):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def _table(headers: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-    return lines + [""]
-
-
 def export_section(export: dict) -> list[str]:
     lines = ["## Export cost (per stage: wall s / peak RSS MiB)", ""]
     stages = ("download", "source_transform", "quantize", "partition", "to_executorch", "emit")
@@ -64,14 +55,14 @@ def export_section(export: dict) -> list[str]:
                 *(methods.get(m, 0) / MB for m in ("vision_encoder", "token_embedding", "text_decoder")),
             ]
         )
-    lines += _table(["export", *stages, ".pte MiB", "vision MiB", "embedding MiB", "decoder MiB"], rows)
+    lines += table(["export", *stages, ".pte MiB", "vision MiB", "embedding MiB", "decoder MiB"], rows)
     for model, x in export.get("extrapolation", {}).items():
         lines += [
             f"### {model}: per layer, and scaled to LLaVA-1.5-7B ({x['full_text_layers']} text + "
             f"{x['full_vision_layers']} vision layers)",
             "",
         ]
-        lines += _table(
+        lines += table(
             ["quantity", "per text layer", "per vision layer", "measured", "full 7B (extrapolated)"],
             [
                 [
@@ -117,7 +108,7 @@ def profile_section(profiles: dict) -> list[str]:
                         f"{100 * e['share']:.1f}%",
                     ]
                 )
-        lines += _table(["phase", "ms per call", "operator", "calls", "ms", "share"], rows)
+        lines += table(["phase", "ms per call", "operator", "calls", "ms", "share"], rows)
     return lines
 
 
@@ -126,13 +117,13 @@ def runtime_section(rt: dict, title: str) -> list[str]:
     spread = ""
     if runs:
         by = "" if reached == "probe" else f"; reached by {reached}"
-        spread = f" (probe before each case and after the last: {', '.join(_fmt(b, 1) for b in runs)}{by})"
+        spread = f" (probe before each case and after the last: {', '.join(fmt(b, 1) for b in runs)}{by})"
     repeated = sorted({r["variant"] for r in rt["rows"] if (r.get("processes") or 1) > 1})
     lines = [
         f"## {title}",
         "",
         f"{rt.get('threads')} threads; memory read bandwidth, the highest reached in the same run: "
-        f"{_fmt(rt.get('bandwidth_gb_s'), 1)} GB/s{spread}."
+        f"{fmt(rt.get('bandwidth_gb_s'), 1)} GB/s{spread}."
         + (
             f" Rows {', '.join(repeated)}: medians over {max(r.get('processes') or 1 for r in rt['rows'])} processes."
             if repeated
@@ -160,7 +151,7 @@ def runtime_section(rt: dict, title: str) -> list[str]:
                 r.get("text_rss_above_base_mb"),
             ]
         )
-    lines += _table(
+    lines += table(
         [
             "model",
             "engine",
@@ -201,7 +192,7 @@ def peers_section(peers: dict) -> list[str]:
         ]
         for r in peers["rows"]
     ]
-    return lines + _table(
+    return lines + table(
         ["engine", "variant", "file MiB", "prefill s", "prefill tok/s", "decode tok/s", "RSS above base MiB"], rows
     )
 
@@ -326,10 +317,13 @@ def write(folder: Path) -> dict:
         lines += runtime_section(data["runtime"], "Run time: same weights, image and prompt")
     if "peers" in data:
         lines += peers_section(data["peers"])
+    scheme_rows = schemes(data)
+    if scheme_rows:
+        lines += schemes_section(scheme_rows)
     checks = targets(data)
     if checks:
         lines += ["## Targets (7B-shape preset, 8da4w vs llama.cpp Q4_0)", ""]
-        lines += _table(
+        lines += table(
             ["export", "target", "value", "goal", "met"],
             [[c["variant"], c["target"], c["value"], c["goal"], c["met"]] for c in checks],
         )
@@ -337,7 +331,7 @@ def write(folder: Path) -> dict:
         big = data["7b"]
         lines += ["## Full-size LLaVA-1.5-7B (random bf16 weights, `make bench-7b`)", ""]
         rows = [[s, m["process_wall_s"], m["peak_rss_mb"]] for s, m in big["stages"].items()]
-        lines += _table(["stage", "wall s", "peak RSS MiB"], rows)
+        lines += table(["stage", "wall s", "peak RSS MiB"], rows)
         lines += [
             f".pte: {big['pte_bytes'] / MB:.0f} MiB; "
             + ", ".join(f"{k} {v / MB:.0f} MiB" for k, v in big["method_bytes"].items()),
@@ -346,7 +340,7 @@ def write(folder: Path) -> dict:
         if "runtime" in big:
             lines += runtime_section(big["runtime"], "Full 7B at run time")
     (folder / "results.md").write_text("\n".join(lines))
-    summary = {"targets": checks}
+    summary = {"targets": checks, "schemes": scheme_rows, "fastest": fastest(scheme_rows)}
     (folder / "targets.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if any(k in data for k in ("runtime", "peers", "7b")):
         write_plot(data, folder / "plot.png")

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from bench import __main__ as bench_main
-from bench import measure, report
+from bench import measure, report, schemes
 
 
 def _allocate(mb: int) -> dict:
@@ -137,3 +137,48 @@ def test_method_bytes_cover_the_program(export_8da4w):
     assert 0.95 * total < sum(sizes.values()) <= total
     # int8 embedding: 32064 x 64 bytes plus one fp32 scale per row
     assert sizes["token_embedding"] >= 32064 * 64
+
+
+def _scheme_rows():
+    rt, peers = _rows()
+    ours = rt["rows"][0]
+    rt["rows"] += [
+        {**ours, "variant": "8da4w-pc", "text_decode_tok_s": 130.0, "text_prefill600_s": 1.5},  # decodes faster
+        {**ours, "variant": "8da8w", "text_decode_tok_s": 70.0, "text_prefill600_s": 0.5},
+        {**ours, "model": "tiny", "variant": "8da8w"},  # another model: not a 7B-shape scheme
+    ]
+    peers["rows"].append({**peers["rows"][0], "variant": "Q8_0", "decode_tok_s": 50.0, "prefill_s": 1.6})
+    return {"runtime": rt, "peers": peers}
+
+
+def test_each_scheme_is_set_beside_the_peer_of_its_size_class():
+    rows = {r["variant"]: r for r in schemes.schemes(_scheme_rows())}
+    assert sorted(rows) == ["8da4w", "8da4w-pc", "8da8w"]
+    assert rows["8da4w"]["class"] == rows["8da4w-pc"]["class"] == "4-bit" and rows["8da8w"]["class"] == "8-bit"
+    assert rows["8da4w-pc"]["peer"] == "Q4_0" and rows["8da8w"]["peer"] == "Q8_0"
+    assert rows["8da8w"]["decode_vs_peer"] == pytest.approx(70 / 50, abs=1e-3)
+    assert rows["8da8w"]["prefill_vs_peer"] == pytest.approx(1.6 / 0.5, abs=1e-3)
+    assert rows["8da8w"]["meets"] is True  # 1.4x decode, 3.2x prefill
+    assert rows["8da4w-pc"]["meets"] is False  # decodes 1.63x but prefills slower than Q4_0 (1.5 s vs 1.3 s)
+    assert rows["8da4w"]["meets"] is True  # 1.375x decode, 2.2x prefill
+
+
+def test_the_fastest_of_a_class_answers_soonest_not_decodes_fastest():
+    rows = schemes.schemes(_scheme_rows())
+    # 8da4w: 0.6 + 128 / 110 = 1.76 s; 8da4w-pc: 1.5 + 128 / 130 = 2.48 s.
+    assert schemes.fastest(rows) == {"4-bit": "8da4w", "8-bit": "8da8w"}
+    without_peers = schemes.schemes({"runtime": _scheme_rows()["runtime"]})
+    assert "peer" not in without_peers[0] and schemes.fastest(without_peers) == {"4-bit": "8da4w", "8-bit": "8da8w"}
+
+
+def test_results_md_shows_the_schemes_and_names_the_fastest(tmp_path):
+    data = _scheme_rows()
+    for name in ("runtime", "peers"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data[name]))
+    report.write(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    section = md[md.index("## Export schemes on this CPU") :]
+    assert "| 8-bit | 8da8w | 0.50 | 70.00 |" in section and "| Q8_0 |" in section
+    assert "Fastest here: 4-bit class: 8da4w; 8-bit class: 8da8w." in section
+    saved = json.loads((tmp_path / "targets.json").read_text())
+    assert saved["fastest"] == {"4-bit": "8da4w", "8-bit": "8da8w"} and len(saved["schemes"]) == 3

@@ -24,7 +24,7 @@ from .text_model import read_llava_config, resolved_text_config, weight_files, w
 
 DEFAULT_WORK = Path("outputs/bench/peers-work")
 # (variant, llama_ftype) in the order they are reported; the reference comes first.
-QUANTS = (("Q8_0", 7), ("Q4_0", 2))
+QUANTS = (("Q8_0", 7), ("Q4_0", 2), ("Q4_K_M", 15))  # llama_ftype values
 REF_TYPES = {"f16": "F16", "f32": "F32"}
 TIMING = "bench.peers.timing"  # what measure.isolated runs in each child process
 
