@@ -65,10 +65,11 @@ def fastest(rows: list[dict]) -> dict[str, str]:
 
 def schemes_section(rows: list[dict]) -> list[str]:
     lines = [
-        "## Export schemes on this CPU (7B-shape preset, same run)",
+        "## Export schemes on this CPU (7B-shape preset)",
         "",
-        f"Each quantized export's text decoder beside llama.cpp's nearest quantization (~4-bit: "
-        f"{PEER_OF['4-bit']}, ~8-bit: {PEER_OF['8-bit']}). Goal: decode at least {SCHEME_GOALS[0]}x the "
+        f"Each quantized export's text decoder (this `make bench` run) beside llama.cpp's nearest "
+        f"quantization (~4-bit: {PEER_OF['4-bit']}, ~8-bit: {PEER_OF['8-bit']}; the latest `make bench-peers` "
+        f"on this machine). Goal: decode at least {SCHEME_GOALS[0]}x the "
         f'peer\'s tok/s and prefill at least {SCHEME_GOALS[1]}x as fast. "answer s": a 600-token prefill '
         f'plus {ANSWER_TOKENS} decoded tokens, what "fastest" is judged on.',
         "",

@@ -85,7 +85,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _load_pixels(path: Path, size: tuple[int, int]):
-    from llava_pipeline.formats import image as image_mod
+    from llava_pipeline.formats import image as image_mod  # torch: after the flags are checked
 
     try:
         return image_mod.load_pixels(path, size)

@@ -47,7 +47,7 @@ def publish(ctx: stage.StageContext, folder: Path) -> None:
     report = verify(folder / "llava.pte", None, ctx.outputs, steps=ctx.cfg.emit.verify_steps, compare_fp32=False)
     if not report.ok:
         shutil.rmtree(folder)
-        rows = ", ".join(f"{r.method} {r.metric}" for r in report.failed)
+        rows = ", ".join(f"{r.method} {r.metric} = {r.value} (threshold {r.threshold})" for r in report.failed)
         raise errors.PipelineError(f"llava.pte failed verification ({rows}); see python -m llava_pipeline.verify")
     # Each artifact is complete in outputs/emit/ before it is renamed into place.
     for name in ARTIFACTS:

@@ -70,6 +70,7 @@ def write_builtin(
     if source == "builtin:tiny":
         copy_local(BUILTIN_TINY, out, link=False)
     elif source == "builtin:tiny-random":
+        # torch and transformers load only for the sources that build weights (seconds).
         from transformers import CLIPVisionConfig, LlamaConfig
 
         from llava_pipeline.model.tiny import make_tiny_llava, tiny_llava_config
@@ -85,7 +86,7 @@ def write_builtin(
         model.save_pretrained(out)
         write_processor_files(out, model.config)
     elif source == "builtin:llava-7b-shape":
-        import torch
+        import torch  # as above: only this source builds weights
 
         from llava_pipeline.model.synthetic import llava_7b_config, write_checkpoint
 

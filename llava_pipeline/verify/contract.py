@@ -69,7 +69,7 @@ def check_contract(report: Report, desc: dict, args) -> int | None:
         elif name in OPTIONAL:
             report.warn(name, "value", "absent (runner uses its default)", text)
 
-    from llava_pipeline.formats.runner_image import MAX_CHANNELS
+    from llava_pipeline.formats.runner_image import MAX_CHANNELS  # imports torch; the contract checks before it do not
 
     v, t = args.vision, args.text
     n_img, d, vocab = v.num_image_tokens, t.hidden_size, t.vocab_size

@@ -27,7 +27,8 @@ coffee.jpg; a seeded random prompt gave the same within the ranges below):
 | none | top-1 agreement vs eager | 1.0 (41/41) | 0.95 |
 | 8da4w | top-1 agreement vs eager 8da4w | 0.976 - 1.0 | 0.90 |
 | 8da4w | top-1 agreement vs fp32 (INFO) | 0.66 - 0.71 | none |
-| 8da8w | text_decoder logits max abs diff (trained tiny, shapes.png) | 2.9e-6 - 6.7e-6 (σ 1.7 - 4.6) | 0.05·σ |
+| 8da8w | text_decoder logits max abs diff (trained tiny, shapes.png) | 2.9e-6 - 6.7e-6 (σ 1.7 - 4.6) | 0.25·σ |
+| 8da8w | the same, 7B-shape preset (random weights, 4 decode steps) | 0.52 - 0.66 (σ 9.0, 0.058-0.074·σ) | 0.25·σ |
 | 8da8w | top-1 agreement vs eager 8da8w / vs fp32 (INFO) | 1.0 (41/41) / 1.0 | 0.90 / none |
 
 fp32 XNNPACK differs from eager PyTorch by summation order only (~1e-6 relative); 1e-3·σ leaves
@@ -65,13 +66,13 @@ class Tolerances:
     vision_rel: float = 1e-3  # vision_encoder output: max abs diff <= vision_rel * σ
 
 
-# 8da8w (int8 weights) could differ from its eager model the way 8da4w does, by the rounding of
-# the dynamically quantized activations; measured, it differs by summation order only (table
-# above), so its bound is 5x tighter than 8da4w's and still 4 orders above what was seen.
+# 8da8w (int8 weights) differs from its eager model the way 8da4w does, by the rounding of the
+# dynamically quantized activations: by summation order only on the tiny model, by 0.06-0.07·σ at
+# the 7B's widths (table above), so it gets 8da4w's bound.
 TOLERANCES = {
     "none": Tolerances(1e-3, 1e-3, 0.95),
     "8da4w": Tolerances(1e-3, 0.25, 0.90),
-    "8da8w": Tolerances(1e-3, 0.05, 0.90),
+    "8da8w": Tolerances(1e-3, 0.25, 0.90),
 }
 # By export.kv_cache: an int8 cache (quantized per token in the eager model and in ExecuTorch's
 # quantized cache ops alike) rounds differently in the two, and decode reads back every earlier

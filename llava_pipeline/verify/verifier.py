@@ -72,7 +72,7 @@ def _verify(pte: Path, tokenizer_path, outputs: Path, steps: int, compare_fp32: 
     )
     program = Program(pte)  # starts loading in the child while the eager models load here
     try:
-        from llava_pipeline.export import model_io
+        from llava_pipeline.export import model_io  # torch and ExecuTorch, loading while the child loads the .pte
 
         load_kernels()  # the eager models call the custom LLM and quantized ops too
         try:
