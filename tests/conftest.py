@@ -46,9 +46,17 @@ def run_stage(workdir: Path, name: str, *overrides: str, check: bool = True):
     return proc
 
 
-def run_pipeline(workdir: Path, start: str = "download", skip: tuple[str, ...] = ()) -> Path:
+def run_pipeline(
+    workdir: Path, start: str = "download", skip: tuple[str, ...] = (), reference: Path | None = None
+) -> Path:
+    """The stages from `start` on, as dvc.yaml runs them; `reference`: a reference stage output
+    to copy in place of running that stage (see `shared_reference`)."""
     for name in STAGES[STAGES.index(start) :]:
-        if name not in skip:
+        if name in skip:
+            continue
+        if name == "reference" and reference is not None:
+            shutil.copytree(reference, workdir / "outputs" / "reference")
+        else:
             run_stage(workdir, name)
     return workdir / "outputs"
 
@@ -71,55 +79,58 @@ def shared_dir(tmp_path_factory, name: str, build) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def export_fp32(tmp_path_factory) -> Path:
-    """The tiny default exported with quant.scheme=none (no quantization at all)."""
+def shared_reference(tmp_path_factory) -> Path:
+    """The reference stage's output for the built-in model. It reads only download's output and
+    evaluate's settings, the same for the default and the fp32 export, so it is computed once
+    (about 30 s) and copied into both; the manifest chain checks that it fits."""
 
     def build(work: Path) -> None:
+        make_workdir(work)
+        for name in ("download", "reference"):
+            run_stage(work, name)
+
+    return shared_dir(tmp_path_factory, "reference", build) / "outputs" / "reference"
+
+
+@pytest.fixture(scope="session")
+def export_fp32(tmp_path_factory) -> Path:
+    """The tiny default exported with quant.scheme=none (no quantization at all). It asks for
+    the shared reference first, so that the default export, built beside it, finds it done."""
+
+    def build(work: Path) -> None:
+        reference = shared_reference(tmp_path_factory)
         make_workdir(work, quant__scheme="none", quant__embedding_bits="none")
-        run_pipeline(work)
+        run_pipeline(work, reference=reference)
 
     return shared_dir(tmp_path_factory, "fp32", build) / "outputs"
 
 
 @pytest.fixture(scope="session")
 def export_8da4w(tmp_path_factory) -> Path:
-    """The tiny default (8da4w, 8-bit embedding): every stage, as `dvc repro` runs them. Built
-    apart from the fp32 export, so that two test workers build the two at the same time."""
+    """The tiny default (8da4w, 8-bit embedding): every stage, as `dvc repro` runs them (the
+    reference copied from `shared_reference`). Built apart from the fp32 export, so that two
+    test workers build the two at the same time."""
 
     def build(work: Path) -> None:
         make_workdir(work)
-        run_pipeline(work)
+        run_pipeline(work, reference=shared_reference(tmp_path_factory))
 
     return shared_dir(tmp_path_factory, "q8da4w", build) / "outputs"
 
 
 @pytest.fixture(scope="session")
-def export_int8(tmp_path_factory, export_8da4w) -> Path:
+def export_int8(tmp_path_factory) -> Path:
     """The default with every int8 option on at once, in one export (each costs a pipeline
     run): an int8 decoder (quant.scheme=8da8w, quant.group_size=0: one scale per output
-    channel), an int8 vision tower (quant.vision=8da8w) and export.kv_cache=int8 (a source
-    transform, so from source_transform on, with the default's download); stops at emit, whose
-    verifier checks every method against the eager model."""
+    channel), an int8 vision tower (quant.vision=8da8w) and export.kv_cache=int8; stops at
+    emit, whose verifier checks every method against the eager model. Its own download (about
+    a second), so that it need not wait for the default export."""
 
     def build(work: Path) -> None:
         make_workdir(work, quant__scheme="8da8w", quant__group_size=0, quant__vision="8da8w", export__kv_cache="int8")
-        (work / "outputs").mkdir()
-        shutil.copytree(export_8da4w / "download", work / "outputs" / "download")
-        run_pipeline(work, start="source_transform", skip=("reference", "evaluate"))
+        run_pipeline(work, skip=("reference", "evaluate"))
 
     return shared_dir(tmp_path_factory, "int8", build) / "outputs"
-
-
-# The names the int8 export had when it was two (the int8 options; the int8 decoder).
-@pytest.fixture(scope="session")
-def export_options(export_int8) -> Path:
-    return export_int8
-
-
-@pytest.fixture(scope="session")
-def export_8da8w(export_int8) -> Path:
-    return export_int8
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,10 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.export import Dim, export
 
-from llava_pipeline.model.convert import from_hf_model
 from llava_pipeline.model.source_transforms import apply_source_transforms, check_custom_ops
 from llava_pipeline.model.tiny import make_tiny_llava
+
+from .models import plain_model
 
 MAX_SEQ_LEN = 768
 CUSTOM = ["custom_kv_cache", "custom_sdpa"]
@@ -19,7 +20,7 @@ CUSTOM = ["custom_kv_cache", "custom_sdpa"]
 
 @pytest.fixture(scope="module")
 def plain():
-    return from_hf_model(make_tiny_llava(0), MAX_SEQ_LEN)
+    return plain_model(make_tiny_llava(0), MAX_SEQ_LEN)
 
 
 def export_module(module, args, dynamic_shapes=None):

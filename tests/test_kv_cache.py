@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
-from llava_pipeline.model.convert import from_hf_model
 from llava_pipeline.model.source_transforms import QuantizedKVCache, apply_source_transforms, check_custom_ops
 from llava_pipeline.model.tiny import make_tiny_llava
+
+from .models import plain_model
 
 FP32 = ["custom_kv_cache", "custom_sdpa"]
 INT8 = [*FP32, "quantized_kv_cache"]
@@ -16,7 +17,7 @@ INT8 = [*FP32, "quantized_kv_cache"]
 
 @pytest.fixture(scope="module")
 def models():
-    plain = from_hf_model(make_tiny_llava(0), 768)
+    plain = plain_model(make_tiny_llava(0), 768)
     return (apply_source_transforms(copy.deepcopy(plain), FP32), apply_source_transforms(copy.deepcopy(plain), INT8))
 
 

@@ -12,11 +12,13 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llava_pipeline.base.errors import PipelineError
 from llava_pipeline.export import model_io
-from llava_pipeline.model.convert import from_hf_model, renamed
+from llava_pipeline.model.convert import renamed
 from llava_pipeline.model.model import apply_rotary
 from llava_pipeline.model.model_args import ModelArgs, model_args_from_hf_config
 from llava_pipeline.model.source_transforms import apply_source_transforms, check_custom_ops
 from llava_pipeline.model.tiny import make_tiny_llava, tiny_llava_config
+
+from .models import plain_model
 
 MAX_SEQ_LEN = 768
 # Logits have std ~9 in the tiny model, so fp32 reordering shows up as ~1e-5 absolute.
@@ -31,7 +33,7 @@ def hf():
 
 @pytest.fixture(scope="module")
 def plain(hf):
-    return from_hf_model(hf, MAX_SEQ_LEN)
+    return plain_model(hf, MAX_SEQ_LEN)
 
 
 def ours(plain, transforms):
@@ -201,7 +203,7 @@ def test_kv_head_variants_match_hf(image, n_kv_heads):
     cfg.text_config.num_key_value_heads = n_kv_heads  # 1: multi-query, 4: plain multi-head
     hf = make_tiny_llava(1, config=cfg)
     assert hf.model.language_model.layers[0].self_attn.k_proj.out_features == 16 * n_kv_heads
-    base = from_hf_model(hf, MAX_SEQ_LEN)
+    base = plain_model(hf, MAX_SEQ_LEN)
     prefill, starts = prefill_embeds(hf, image)
     ref = hf(inputs_embeds=prefill).logits[0]
     for transforms in ([], ["custom_kv_cache", "custom_sdpa"]):

@@ -10,9 +10,8 @@ from llava_pipeline.base.config import QuantConfig
 from llava_pipeline.base.errors import PipelineError
 from llava_pipeline.export import model_io, quantize
 from llava_pipeline.model import synthetic
-from llava_pipeline.model.convert import from_hf_model
+from llava_pipeline.model.convert import renamed
 from llava_pipeline.model.model import load_units
-from llava_pipeline.model.source_transforms import apply_source_transforms
 from llava_pipeline.model.tiny import tiny_llava_config
 
 MAX_SEQ_LEN = 640
@@ -86,16 +85,16 @@ def test_streamed_transform_keeps_dtype_and_matches_in_memory(ckpt, transformed)
         assert f.get_tensor("text_decoder.output.weight").dtype == torch.bfloat16
     from transformers import LlavaForConditionalGeneration
 
-    # transformers' own loader, all of it in memory, then renamed and transformed
+    # transformers' own loader, all of it in memory, against the streamed shards read back
     hf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
-    pre = json.loads((ckpt / "preprocessor_config.json").read_text())
-    ref = from_hf_model(hf, MAX_SEQ_LEN, image_mean=pre["image_mean"], image_std=pre["image_std"])
-    apply_source_transforms(ref, model_io.SOURCE_TRANSFORMS)
     got = model_io.load_transformed(transformed)
-    ref_state, got_state = ref.state_dict(), got.state_dict()
-    assert ref_state.keys() == got_state.keys()
-    for k in ref_state:
-        assert torch.equal(ref_state[k], got_state[k]), k
+    weights = {k: p for k, p in got.named_parameters()}
+    ref = dict(renamed(got.args, hf.state_dict().items(), {k: p.shape for k, p in weights.items()}))
+    assert ref.keys() == weights.keys()
+    for k in ref:
+        assert torch.equal(ref[k], weights[k]), k
+    pre = json.loads((ckpt / "preprocessor_config.json").read_text())
+    assert (list(got.args.vision.image_mean), list(got.args.vision.image_std)) == (pre["image_mean"], pre["image_std"])
 
 
 def test_unit_by_unit_quantize_equals_whole_model(transformed):

@@ -25,7 +25,6 @@ import torch
 from safetensors import safe_open
 
 from llava_pipeline.model.checkpoint_files import split_key
-from llava_pipeline.model.model import LlavaModel
 from llava_pipeline.model.model_args import ModelArgs, model_args_from_hf_config
 
 # Component -> the prefix used when naming a missing key (the hub checkpoint's spelling).
@@ -150,15 +149,6 @@ def read_hf_config(ckpt_dir: Path, max_seq_len: int) -> ModelArgs:
     return model_args_from_hf_config(cfg, max_seq_len, **extra)
 
 
-def _empty_model(args: ModelArgs, dtype: torch.dtype) -> LlavaModel:
-    """Allocate once, in `dtype`, without random init (meta device, then `to_empty`)."""
-    with torch.device("meta"):
-        model = LlavaModel(args)
-    model = model.to(dtype).to_empty(device="cpu")
-    model.reset_buffers()
-    return model
-
-
 def renamed(
     args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, torch.Size]
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -175,21 +165,3 @@ def renamed(
             )
         yield ours, tensor
     mapper.check_complete()
-
-
-def _load_into(model: LlavaModel, tensors: Iterable[tuple[str, torch.Tensor]]) -> LlavaModel:
-    """Copy (hf_key, tensor) pairs into the model's parameters, converting dtype."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for ours, tensor in renamed(model.args, tensors, {k: p.shape for k, p in params.items()}):
-            params[ours].copy_(tensor)
-    return model.eval().requires_grad_(False)
-
-
-def from_hf_model(
-    hf_model, max_seq_len: int, dtype: torch.dtype = torch.float32, image_mean=None, image_std=None
-) -> LlavaModel:
-    """`LlavaModel` from an in-memory `LlavaForConditionalGeneration` (tests, tiny preset)."""
-    extra = {k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
-    args = model_args_from_hf_config(hf_model.config.to_dict(), max_seq_len, **extra)
-    return _load_into(_empty_model(args, dtype), hf_model.state_dict().items())
