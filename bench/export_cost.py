@@ -63,8 +63,9 @@ def run_export(
 
 # Weight files no later stage reads, deleted as soon as that is so (manifests stay: the
 # verifier checks the chain of manifests). A scratch export then keeps the checkpoint, the
-# quantized model (the verifier's eager reference) and the .pte.
-_PRUNE_AFTER = {"quantize": ("source_transform", "model-*.safetensors"), "to_executorch": ("partition", "*.blobs")}
+# quantized model (the verifier's eager reference) and the .pte (source_transform copies no
+# weights: it names the checkpoint's).
+_PRUNE_AFTER = {"to_executorch": ("partition", "*.blobs")}
 
 
 def prune(stage: str, outputs: Path) -> None:

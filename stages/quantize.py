@@ -12,6 +12,8 @@ from llava_pipeline.pipeline import stage
 
 def body(ctx: stage.StageContext) -> None:
     src = ctx.read("model", stage.upstream("source_transform", ctx.outputs))
+    # source_transform's weights.json names the checkpoint's own files: they are read here.
+    ctx.read("checkpoint", stage.upstream("download", ctx.outputs))
     args = model_io.load_args(src)
     # Cheap check before loading any weights: the group size must divide every decoder linear.
     quantize.check_group_size(model_io.decoder_in_features(args), ctx.cfg.quant)

@@ -1,5 +1,5 @@
 """Our `LlavaModel` from an in-memory HF model, by the pipeline's own path: saved as a checkpoint,
-renamed by source_transform's streamed writer, read back by `load_transformed`."""
+named by source_transform's writer (`write_transformed`), read back by `load_transformed`."""
 
 from __future__ import annotations
 

@@ -415,7 +415,7 @@ def saved(hf, tmp_path_factory):
 
 
 def load_checkpoint(ckpt, tmp_path, dtype=torch.float32, max_seq_len=MAX_SEQ_LEN):
-    """An HF checkpoint folder through the stages' own path: source_transform's streamed
+    """An HF checkpoint folder through the stages' own path: source_transform's
     rename (model_io.write_transformed), then the quantize stage's loader (load_transformed)."""
     out = tmp_path / "transformed"
     out.mkdir()

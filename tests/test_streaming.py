@@ -70,22 +70,33 @@ def test_7b_config_has_the_real_widths():
 
 
 @pytest.fixture(scope="module")
-def transformed(ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("transformed")
-    model_io.write_transformed(ckpt, MAX_SEQ_LEN, out, shard_bytes=1 << 19)
+def transformed(ckpt):
+    """source_transform's folder beside the checkpoint's, as in outputs/."""
+    out = ckpt.parent / "source_transform"
+    out.mkdir()
+    model_io.write_transformed(ckpt, MAX_SEQ_LEN, out)
     return out
 
 
-def test_streamed_transform_keeps_dtype_and_matches_in_memory(ckpt, transformed):
+def test_transform_copies_no_weight_and_keeps_dtype_and_matches_transformers(ckpt, transformed):
+    assert not list(transformed.glob("*.safetensors"))  # names only: the weights stay where they are
     files = model_io.weight_files(transformed)
-    assert len(set(files.values())) > 2
+    shards = {path for path, _ in files.values()}
+    assert len(shards) > 2 and all(p.parent.resolve() == ckpt.resolve() for p in shards)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(index[key] == path.name for path, key in files.values())  # each names its real shard
+    assert all(
+        ref["file"].startswith("../ckpt/")
+        for ref in json.loads((transformed / "weights.json").read_text())["weights"].values()
+    )
     from safetensors import safe_open
 
-    with safe_open(str(files["text_decoder.output.weight"]), framework="pt") as f:
-        assert f.get_tensor("text_decoder.output.weight").dtype == torch.bfloat16
+    path, key = files["text_decoder.output.weight"]
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor(key).dtype == torch.bfloat16
     from transformers import LlavaForConditionalGeneration
 
-    # transformers' own loader, all of it in memory, against the streamed shards read back
+    # transformers' own loader, all of it in memory, against the unit-by-unit loader
     hf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
     got = model_io.load_transformed(transformed)
     weights = {k: p for k, p in got.named_parameters()}
@@ -122,12 +133,15 @@ def test_unit_by_unit_quantize_equals_whole_model(transformed):
     assert hasattr(streamed.text_decoder.layers[0].feed_forward.w2.weight, "qdata")
 
 
-def test_missing_shard_is_named(transformed, tmp_path):
+def test_missing_shard_is_named(ckpt, tmp_path):
     import shutil
 
-    bad = tmp_path / "t"
-    shutil.copytree(transformed, bad)
-    victim = sorted(bad.glob("model-*.safetensors"))[1]
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    out = tmp_path / "source_transform"
+    out.mkdir()
+    model_io.write_transformed(copy, MAX_SEQ_LEN, out)
+    victim = sorted(copy.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(PipelineError, match=victim.name):
-        model_io.load_transformed(bad)
+        model_io.load_transformed(out)

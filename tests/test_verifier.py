@@ -196,9 +196,8 @@ def test_tampered_decoder_weights_fail(export_fp32, tmp_path, capsys):
     pte = _copy_export(export_fp32, tmp_path)
     from llava_pipeline.export.model_io import weight_files
 
-    files = weight_files(export_fp32 / "source_transform")
-    weights = load_file(str(files["text_decoder.output.weight"]))
-    weight = weights["text_decoder.output.weight"]
+    path, key = weight_files(export_fp32 / "source_transform")["text_decoder.output.weight"]
+    weight = load_file(str(path))[key]
     data = bytearray(pte.read_bytes())
     raw = weight.numpy().tobytes()
     at = data.find(raw)

@@ -1,25 +1,28 @@
 """Stage-boundary I/O for the model: what source_transform writes and later stages rebuild.
 
-A transformed model is stored as its weights (safetensors shards with an
-HF-style index, this project's key names) plus `model_args.json` (the architecture, max_seq_len and
-the source transforms to re-apply). Rebuilding happens on the meta device, so
-no random-init copy of a large model is ever allocated.
+A transformed model is stored as `weights.json` (each of this project's weight names -> the
+checkpoint file, named relative to the folder, and the key in it: source_transform only renames,
+so no weight is copied) plus `model_args.json` (the architecture, max_seq_len and the source
+transforms to re-apply). Rebuilding happens on the meta device, so no random-init copy of a
+large model is ever allocated.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from llava_pipeline.base.config import ConfigError, QuantConfig
 from llava_pipeline.base.errors import PipelineError
-from llava_pipeline.base.files import read_json
+from llava_pipeline.base.files import read_json, write_json
 from llava_pipeline.export import export
 from llava_pipeline.export.quantize import decoder_linears, prepare_quantized_structure
-from llava_pipeline.model.checkpoint_files import INDEX_FILE, SHARD_BYTES, WEIGHTS_FILE, ShardWriter, safetensors_files
-from llava_pipeline.model.convert import iter_safetensors, read_hf_config, renamed
+from llava_pipeline.model.checkpoint_files import safetensors_files
+from llava_pipeline.model.convert import read_hf_config, renamed, tensor_refs
 from llava_pipeline.model.model import LlavaModel, load_units
 from llava_pipeline.model.model_args import ModelArgs
 from llava_pipeline.model.source_transforms import apply_source_transforms, check_custom_ops
@@ -27,6 +30,7 @@ from llava_pipeline.model.source_transforms import apply_source_transforms, chec
 SOURCE_TRANSFORMS = ("custom_kv_cache", "custom_sdpa")  # export.kv_cache=fp32
 KV_CACHE_TRANSFORMS = {"fp32": SOURCE_TRANSFORMS, "int8": (*SOURCE_TRANSFORMS, "quantized_kv_cache")}
 ARGS_FILE = "model_args.json"
+WEIGHTS_MAP = "weights.json"
 # Room a prompt needs besides the image: BOS, "USER: ", "\n", a short question,
 # " ASSISTANT:" and at least one answer token.
 MIN_TEXT_TOKENS = 16
@@ -56,29 +60,29 @@ def hf_model_args(ckpt: Path, max_seq_len: int) -> ModelArgs:
 
 
 def write_transformed(
-    ckpt: Path,
-    max_seq_len: int,
-    out: Path,
-    shard_bytes: int = SHARD_BYTES,
-    transforms: tuple[str, ...] = SOURCE_TRANSFORMS,
+    ckpt: Path, max_seq_len: int, out: Path, transforms: tuple[str, ...] = SOURCE_TRANSFORMS
 ) -> ModelArgs:
-    """The source_transform stage: checkpoint -> this project's weight names, streamed.
+    """The source_transform stage: the checkpoint's weights under this project's names.
 
     The transforms swap modules, not weights, so they are applied to a meta-device model
-    (checked there) and the weights are renamed tensor by tensor, shape-checked against
-    that model and kept in the checkpoint's dtype (bf16/fp16 stay 2 bytes: nothing is
-    lost, later stages upcast what they keep in fp32). Memory: one shard."""
+    (checked there), and each checkpoint tensor the model uses is recorded as (file, key),
+    shape-checked against that model from the safetensors headers alone: no weight is read or
+    written (at 7B, 14 GB). Files are named relative to `out`, so the folder works wherever the
+    checkpoint folder sits beside it as it did here (outputs/download beside
+    outputs/source_transform, in any copy of outputs/). Later stages read the checkpoint's
+    own dtype and upcast what they keep."""
     args = hf_model_args(ckpt, max_seq_len)  # validates before touching weights
     model = empty_model(args, transforms)
     check_custom_ops(model, transforms)
     shapes = {k: v.shape for k, v in model.state_dict().items() if not _is_state(k)}
-    writer = ShardWriter(out, shard_bytes)
     try:
-        for ours, tensor in renamed(args, iter_safetensors(safetensors_files(ckpt)), shapes):
-            writer.add(ours, tensor)
+        refs = {
+            ours: {"file": Path(os.path.relpath(ref.path, out)).as_posix(), "key": ref.key}
+            for ours, ref in renamed(args, tensor_refs(safetensors_files(ckpt)), shapes)
+        }
     except (OSError, ValueError, KeyError) as e:  # corrupt/truncated shard, missing tensor
         raise PipelineError(f"{ckpt}: checkpoint weights unusable: {e}") from None
-    writer.close()
+    write_json(out / WEIGHTS_MAP, {"weights": refs})
     write_args(args, out, transforms)
     return args
 
@@ -137,19 +141,11 @@ def decoder_in_features(args: ModelArgs) -> dict[str, int]:
     return {k: m.in_features for k, m in decoder_linears(empty_model(args)).items()}
 
 
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Our key -> the safetensors file holding it (sharded format or a single file)."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index)["weight_map"]
-        return {k: folder / v for k, v in weight_map.items()}
-    from safetensors import safe_open
-
-    single = folder / WEIGHTS_FILE
-    if not single.is_file():
-        raise PipelineError(f"{folder}: no {INDEX_FILE} or {WEIGHTS_FILE}")
-    with safe_open(str(single), framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
+def weight_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Our key -> (the safetensors file holding it, its key in that file), from the
+    folder's weights.json."""
+    refs = read_json(folder / WEIGHTS_MAP)["weights"]
+    return {ours: (folder / ref["file"], ref["key"]) for ours, ref in refs.items()}
 
 
 def load_transformed(folder: Path, on_unit=None, dtype: torch.dtype = torch.float32) -> LlavaModel:
@@ -157,24 +153,25 @@ def load_transformed(folder: Path, on_unit=None, dtype: torch.dtype = torch.floa
     (`load_units`), each upcast to `dtype` and then handed to `on_unit(name, model)`,
     which may replace it in place (the quantize stage quantizes it there), before the
     next unit is read. Peak memory: the finished units plus one unit in `dtype`."""
-    from safetensors import safe_open
-
     args = load_args(folder)
     model = empty_model(args, load_transforms(folder))
     files = weight_files(folder)
     try:
         for unit in load_units(model):
             module = model.get_submodule(unit)
-            by_file: dict[Path, list[str]] = {}
+            by_file: dict[Path, list[tuple[str, str]]] = {}
             for key in (k for k in files if k.startswith(unit + ".")):
-                by_file.setdefault(files[key], []).append(key)
+                path, stored = files[key]
+                by_file.setdefault(path, []).append((stored, key[len(unit) + 1 :]))
             state = {}
             # Opened per unit and closed at once: a mapping left open keeps every page read
             # through it resident (at 7B, 14 GB of bf16 shards on top of the model).
             for path, keys in by_file.items():
+                if not path.is_file():
+                    raise PipelineError(f"{path}: missing (source_transform's {WEIGHTS_MAP} names it)")
                 with safe_open(str(path), framework="pt") as f:
-                    for key in keys:
-                        state[key[len(unit) + 1 :]] = f.get_tensor(key).to(dtype)
+                    for stored, name in keys:
+                        state[name] = f.get_tensor(stored).to(dtype)
             result = module.load_state_dict(state, assign=True, strict=False)
             missing = [k for k in result.missing_keys if not _is_state(k)]
             if missing or result.unexpected_keys:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, NamedTuple, Protocol, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -125,17 +125,25 @@ class KeyMapper:
             raise KeyError(f"checkpoint lacks {_HUB_PREFIX[c]}{n} (and {len(missing) - 1} more)")
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one tensor at a time, file by file, so that only one checkpoint
-    tensor is in memory beside the model. Errors name the file (`safetensors_files` has checked
-    that each exists)."""
+class TensorRef(NamedTuple):
+    """Where a checkpoint tensor is (file, key in it) and its shape, read from the header."""
+
+    path: Path
+    key: str
+    shape: torch.Size
+
+
+def tensor_refs(files: Iterable[Path]) -> Iterator[tuple[str, TensorRef]]:
+    """(key, TensorRef) for every tensor of the safetensors `files`, from their headers alone:
+    no tensor data is read. A truncated or corrupt file fails here, named (the header records
+    every tensor's extent, and safetensors checks the file covers them)."""
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+                refs = [(key, TensorRef(path, key, torch.Size(f.get_slice(key).get_shape()))) for key in f.keys()]
         except Exception as e:  # SafetensorError does not say which file
             raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
+        yield from refs
 
 
 def read_hf_config(ckpt_dir: Path, max_seq_len: int) -> ModelArgs:
@@ -149,11 +157,20 @@ def read_hf_config(ckpt_dir: Path, max_seq_len: int) -> ModelArgs:
     return model_args_from_hf_config(cfg, max_seq_len, **extra)
 
 
+class _Shaped(Protocol):
+    @property
+    def shape(self) -> torch.Size: ...
+
+
+Shaped = TypeVar("Shaped", bound=_Shaped)
+
+
 def renamed(
-    args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, torch.Size]
-) -> Iterator[tuple[str, torch.Tensor]]:
+    args: ModelArgs, tensors: Iterable[tuple[str, Shaped]], shapes: Mapping[str, torch.Size]
+) -> Iterator[tuple[str, Shaped]]:
     """(our key, tensor) for each (HF key, tensor) the model uses, shape-checked against
-    `shapes`; after the last one, raises KeyError naming a missing key."""
+    `shapes`; after the last one, raises KeyError naming a missing key. A tensor is anything
+    with a `shape`: a `torch.Tensor`, or a `TensorRef` when only the place is wanted."""
     mapper = KeyMapper(args)
     for hf_key, tensor in tensors:
         ours = mapper(hf_key)
