@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from llava_pipeline.export import model_io, quantize
 from llava_pipeline.pipeline import stage
 
@@ -25,7 +23,7 @@ def body(ctx: stage.StageContext) -> None:
 
     model = model_io.load_transformed(src, on_unit=on_unit)
     ctx.status("")
-    torch.save(model.state_dict(), ctx.out / "model.pt")
+    model_io.save_quantized(model.state_dict(), ctx.out)
     model_io.write_args(args, ctx.out, model_io.load_transforms(src))
 
 

@@ -133,6 +133,50 @@ def test_unit_by_unit_quantize_equals_whole_model(transformed):
     assert hasattr(streamed.text_decoder.layers[0].feed_forward.w2.weight, "qdata")
 
 
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5), (1,)])
+def test_int4_values_pack_two_per_byte_and_back(shape):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, shape, generator=g, dtype=torch.int8)
+    packed = model_io._pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == (q.numel() + 1) // 2
+    assert torch.equal(model_io._unpack_int4(packed, list(shape)), q)
+
+
+@pytest.mark.parametrize("scheme, group_size, packs", [("8da4w", 32, True), ("8da8w", 0, False)])
+def test_quantized_file_packs_int4_and_reads_back_equal(transformed, tmp_path, scheme, group_size, packs):
+    """model.pt stores 4-bit weights two values per byte and reads back the same tensors, type,
+    attributes and all; int8 weights are stored as they are."""
+    quant = QuantConfig(scheme=scheme, group_size=group_size, embedding_bits=8)
+    model = model_io.load_transformed(transformed, on_unit=lambda unit, m: quantize.quantize_unit(unit, m, quant))
+    state = model.state_dict()
+    out = tmp_path / "q"
+    out.mkdir()
+    model_io.save_quantized(state, out)
+    torch.save(state, tmp_path / "unpacked.pt")
+    packed = torch.load(out / model_io.INT4_FILE, weights_only=True)["layout"]
+    linears = {k for k, v in state.items() if hasattr(v, "qdata") and k.startswith("text_decoder.")}
+    assert linears and (set(packed) == linears if packs else not packed)
+    back = model_io.read_quantized_state(out)
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        w = back[k]
+        assert type(w) is type(v), k
+        if hasattr(v, "qdata"):
+            assert torch.equal(w.qdata, v.qdata) and torch.equal(w.scale, v.scale), k
+            assert torch.equal(w.zero_point, v.zero_point) and w.block_size == v.block_size, k
+            assert (w.target_dtype, w.dtype, w.activation_quantization) == (
+                v.target_dtype,
+                v.dtype,
+                v.activation_quantization,
+            )
+        else:
+            assert torch.equal(w, v), k
+    int4_bytes = sum(state[k].qdata.numel() for k in packed)
+    files = (out / model_io.QUANTIZED_FILE).stat().st_size + (out / model_io.INT4_FILE).stat().st_size
+    saved = (tmp_path / "unpacked.pt").stat().st_size - files
+    assert 0.9 * int4_bytes / 2 <= saved <= 1.1 * int4_bytes / 2 + 65536
+
+
 def test_missing_shard_is_named(ckpt, tmp_path):
     import shutil
 
