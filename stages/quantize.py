@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from llava_pipeline.export import model_io, quantize
@@ -23,7 +24,10 @@ def body(ctx: stage.StageContext) -> None:
 
     model = model_io.load_transformed(src, on_unit=on_unit)
     ctx.status("")
-    model_io.save_quantized(model.state_dict(), ctx.out)
+    state = model.state_dict()
+    del model  # the state dict alone holds the weights: save_quantized frees each one it packs
+    gc.collect()  # the quantized modules sit in reference cycles: free them now, not later
+    model_io.save_quantized(state, ctx.out)
     model_io.write_args(args, ctx.out, model_io.load_transforms(src))
 
 

@@ -151,7 +151,7 @@ def test_quantized_file_packs_int4_and_reads_back_equal(transformed, tmp_path, s
     state = model.state_dict()
     out = tmp_path / "q"
     out.mkdir()
-    model_io.save_quantized(state, out)
+    model_io.save_quantized(dict(state), out)  # it empties the dict it is given
     torch.save(state, tmp_path / "unpacked.pt")
     packed = torch.load(out / model_io.INT4_FILE, weights_only=True)["layout"]
     linears = {k for k, v in state.items() if hasattr(v, "qdata") and k.startswith("text_decoder.")}
@@ -175,6 +175,16 @@ def test_quantized_file_packs_int4_and_reads_back_equal(transformed, tmp_path, s
     files = (out / model_io.QUANTIZED_FILE).stat().st_size + (out / model_io.INT4_FILE).stat().st_size
     saved = (tmp_path / "unpacked.pt").stat().st_size - files
     assert 0.9 * int4_bytes / 2 <= saved <= 1.1 * int4_bytes / 2 + 65536
+
+
+def test_int4_values_out_of_range_are_refused_not_wrapped(transformed, tmp_path):
+    quant = QuantConfig(scheme="8da4w", group_size=32, embedding_bits=8)
+    model = model_io.load_transformed(transformed, on_unit=lambda unit, m: quantize.quantize_unit(unit, m, quant))
+    state = model.state_dict()
+    key = "text_decoder.layers.0.attention.wq.weight"
+    state[key].qdata[0, 0] = 8  # not an int4 value
+    with pytest.raises(PipelineError, match=key):
+        model_io.save_quantized(dict(state), tmp_path)
 
 
 def test_missing_shard_is_named(ckpt, tmp_path):

@@ -194,9 +194,16 @@ def load_transformed(folder: Path, on_unit=None, dtype: torch.dtype = torch.floa
 _INT4 = getattr(torch, "int4")  # a dtype torch's type stubs lack
 
 
+def _fits_int4(q: torch.Tensor) -> bool:
+    if not q.numel():
+        return True
+    low, high = torch.aminmax(q)  # one pass
+    return -8 <= int(low) and int(high) <= 7
+
+
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7] -> uint8, two per byte (low nibble first)."""
-    u = (q.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
+    u = (q.reshape(-1) + 8).view(torch.uint8)  # in int8: [-8, 7] + 8 cannot overflow
     if u.numel() % 2:
         u = torch.cat([u, u.new_zeros(1)])
     return u[0::2] | (u[1::2] << 4)
@@ -214,15 +221,18 @@ def save_quantized(state: dict, out: Path) -> None:
     """The quantize stage's files. torchao keeps int4 weight values one per int8 byte; here each
     such weight's values go packed two per byte into int4.pt, with its shape and attributes,
     and its scale and zero point stay in model.pt with everything else (at 7B the decoder's
-    values take 3.2 GB instead of 6.5)."""
+    values take 3.2 GB instead of 6.5). Consumes `state`: each entry leaves it as it is stored, so
+    that with no model holding them too, a weight's unpacked values are freed once packed and
+    the packed copies never add to the peak."""
     from torchao.quantization import IntxUnpackedToInt8Tensor  # heavy: only the stages that quantize
 
     plain, values, layout = {}, {}, {}
-    for key, value in state.items():
+    for key in list(state):
+        value = state.pop(key)
         if isinstance(value, IntxUnpackedToInt8Tensor) and value.target_dtype == _INT4:
             names, attrs = value.__tensor_flatten__()
             q = value.qdata
-            if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+            if not _fits_int4(q):
                 raise PipelineError(f"{key}: int4 weight values outside [-8, 7]")
             values[key] = _pack_int4(q)
             plain.update({f"{key}|{name}": getattr(value, name) for name in names if name != "qdata"})
