@@ -11,14 +11,13 @@ from transformers import CLIPImageProcessorPil
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llava_pipeline.base.errors import PipelineError
-from llava_pipeline.export import model_io
 from llava_pipeline.model.convert import renamed
 from llava_pipeline.model.model import apply_rotary
 from llava_pipeline.model.model_args import ModelArgs, model_args_from_hf_config
 from llava_pipeline.model.source_transforms import apply_source_transforms, check_custom_ops
 from llava_pipeline.model.tiny import make_tiny_llava, tiny_llava_config
 
-from .models import plain_model
+from .models import load_checkpoint, plain_model
 
 MAX_SEQ_LEN = 768
 # Logits have std ~9 in the tiny model, so fp32 reordering shows up as ~1e-5 absolute.
@@ -414,27 +413,19 @@ def saved(hf, tmp_path_factory):
     return d
 
 
-def load_checkpoint(ckpt, tmp_path, dtype=torch.float32, max_seq_len=MAX_SEQ_LEN):
-    """An HF checkpoint folder through the stages' own path: source_transform's
-    rename (model_io.write_transformed), then the quantize stage's loader (load_transformed)."""
-    out = tmp_path / "transformed"
-    out.mkdir()
-    model_io.write_transformed(ckpt, max_seq_len, out)
-    return model_io.load_transformed(out, dtype=dtype)
-
-
-def _same_weights(loaded, plain):
-    ref = dict(plain.named_parameters())
+def _same_weights(loaded, hf):
+    """`loaded` holds exactly the in-memory HF model's weights, under our names."""
     got = dict(loaded.named_parameters())
+    ref = dict(renamed(loaded.args, hf.state_dict().items(), {k: p.shape for k, p in got.items()}))
     assert got.keys() == ref.keys()
     for k, p in got.items():
         assert torch.equal(p, ref[k]), k
 
 
-def test_load_checkpoint_matches_in_memory(saved, plain, tmp_path):
+def test_load_checkpoint_matches_in_memory(saved, hf, plain, tmp_path):
     loaded = load_checkpoint(saved, tmp_path)
     assert loaded.args == plain.args
-    _same_weights(loaded, plain)
+    _same_weights(loaded, hf)
     assert not any(p.requires_grad for p in loaded.parameters())
     assert all(b.abs().sum() == 0 for n, b in loaded.named_buffers() if n.endswith("_cache"))
 
@@ -449,23 +440,23 @@ def test_load_checkpoint_bf16_and_preprocessor_mean(saved, tmp_path):
     assert m.vision_encoder.std.flatten().tolist() == [0.25] * 3
 
 
-def test_load_sharded_checkpoint(hf, plain, tmp_path):
+def test_load_sharded_checkpoint(hf, tmp_path):
     ckpt = tmp_path / "ckpt"
     hf.save_pretrained(ckpt, max_shard_size="2MB")
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert not (ckpt / "model.safetensors").exists()
-    _same_weights(load_checkpoint(ckpt, tmp_path), plain)
+    _same_weights(load_checkpoint(ckpt, tmp_path), hf)
 
 
-def test_hub_style_safetensors_checkpoint(hf, plain, tmp_path):
+def test_hub_style_safetensors_checkpoint(hf, tmp_path):
     from safetensors.torch import save_file
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(hf.config.to_dict()))
     save_file({k: v.contiguous() for k, v in hub_style(hf.state_dict()).items()}, ckpt / "model.safetensors")
-    _same_weights(load_checkpoint(ckpt, tmp_path), plain)
+    _same_weights(load_checkpoint(ckpt, tmp_path), hf)
 
 
 def test_truncated_safetensors_names_file(saved, tmp_path):

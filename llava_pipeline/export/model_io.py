@@ -10,6 +10,7 @@ large model is ever allocated.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -210,10 +211,7 @@ def _pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_int4(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    both = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[:n]
+    both = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[: math.prod(shape)]
     return (both.to(torch.int8) - 8).reshape(shape)
 
 
@@ -235,8 +233,9 @@ def save_quantized(state: dict, out: Path) -> None:
             if not _fits_int4(q):
                 raise PipelineError(f"{key}: int4 weight values outside [-8, 7]")
             values[key] = _pack_int4(q)
-            plain.update({f"{key}|{name}": getattr(value, name) for name in names if name != "qdata"})
-            layout[key] = {"shape": list(q.shape), "tensors": list(names), "attributes": dict(attrs)}
+            others = [name for name in names if name != "qdata"]  # scale, zero point
+            plain.update({f"{key}|{name}": getattr(value, name) for name in others})
+            layout[key] = {"shape": list(q.shape), "tensors": others, "attributes": dict(attrs)}
         else:
             plain[key] = value
     torch.save(plain, out / QUANTIZED_FILE)
@@ -244,9 +243,8 @@ def save_quantized(state: dict, out: Path) -> None:
 
 
 def read_quantized_state(folder: Path) -> dict:
-    """save_quantized's state dict back. model.pt is memory-mapped; int4.pt is read, not mapped,
-    and each weight's packed values are dropped once unpacked, so that at most one packed
-    weight is resident beside the unpacked ones."""
+    """save_quantized's state dict back. model.pt is memory-mapped; int4.pt is read whole (half
+    the unpacked size), not mapped, and each weight's packed values are freed once unpacked."""
     from torchao.quantization import IntxUnpackedToInt8Tensor  # registers its subclasses as safe to load
 
     state = torch.load(folder / QUANTIZED_FILE, weights_only=True, mmap=True)
@@ -254,7 +252,7 @@ def read_quantized_state(folder: Path) -> dict:
     values = int4["values"]
     for key, layout in int4["layout"].items():
         data = {"qdata": _unpack_int4(values.pop(key), layout["shape"])}
-        data.update({name: state.pop(f"{key}|{name}") for name in layout["tensors"] if name != "qdata"})
+        data.update({name: state.pop(f"{key}|{name}") for name in layout["tensors"]})
         state[key] = IntxUnpackedToInt8Tensor.__tensor_unflatten__(
             data, layout["attributes"], torch.Size(layout["shape"]), None
         )
